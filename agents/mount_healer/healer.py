@@ -1,0 +1,388 @@
+"""One sweep: find severed FUSE mounts under autofs roots and unmount them in the root.
+
+Detection touches no healthy mount. A sweep reads mountinfo and fusectl only;
+a path walk (stat, statvfs, listdir) through an autofs dentry refreshes its
+expiry stamp (fs/autofs/root.c `autofs_mount_wait`), so a healer that probed
+every mount would keep them all mounted forever. Only a mount that fusectl
+flags (connection aborted, or requests unanswered for `hung_after` seconds) is
+probed, in a child process with a timeout, and only a probe that answers with
+a dead-endpoint error leads to an unmount.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from agents.mount_healer.config import HealerConfig
+from agents.mount_healer.fusectl import (
+    ABORTED_MAX_BACKGROUND,
+    Connection,
+    Fusectl,
+    FusectlError,
+    FuseFdScan,
+    connection_id,
+    scan_fuse_fds,
+)
+from agents.mount_healer.metrics import HealerMetrics
+from agents.mount_healer.mountinfo import Mount, MountTable
+from agents.mount_healer.probe import Prober, ProbeResult
+from agents.mount_healer.unmount import MNT_DETACH, Umount2
+
+log = logging.getLogger(__name__)
+
+Notify = Callable[[str, str, str], None]
+"""(type, reason, message) -> posts a Kubernetes Event; no-op in local mode."""
+
+
+class Verdict(StrEnum):
+    HEALTHY = "healthy"
+    SEVERED = "severed"
+    HUNG = "hung"
+    SKIPPED = "skipped"
+
+
+class Action(StrEnum):
+    NONE = "none"
+    UNMOUNTED = "unmounted"
+    DETACHED = "detached"
+    WOULD_UNMOUNT = "would-unmount"
+    ABORTED = "aborted"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class MountReport:
+    """What one sweep concluded about one FUSE mount."""
+
+    root: str
+    mountpoint: str
+    fstype: str
+    mount_id: int
+    conn_id: int
+    verdict: Verdict
+    action: Action = Action.NONE
+    detail: str = ""
+
+    def line(self) -> str:
+        """The `--once` output line: path, verdict, action, detail."""
+        return "\t".join(
+            [self.mountpoint, str(self.verdict), str(self.action), self.detail]
+        ).rstrip("\t")
+
+
+@dataclass
+class _Watch:
+    """What the healer remembers about one connection between sweeps."""
+
+    waiting_since: float | None = None
+    hung_since: float | None = None
+    hung_detail: str = ""
+
+
+@dataclass
+class _Candidate:
+    root: Mount
+    mount: Mount
+    conn_id: int
+    verdict: Verdict = Verdict.HEALTHY
+    action: Action = Action.NONE
+    details: list[str] = field(default_factory=list)
+
+    def report(self) -> MountReport:
+        return MountReport(
+            root=self.root.mountpoint,
+            mountpoint=self.mount.mountpoint,
+            fstype=self.mount.fstype,
+            mount_id=self.mount.mount_id,
+            conn_id=self.conn_id,
+            verdict=self.verdict,
+            action=self.action,
+            detail="; ".join(self.details),
+        )
+
+
+class Healer:
+    """The sweep and the state it keeps between sweeps. Every boundary is injected."""
+
+    def __init__(
+        self,
+        config: HealerConfig,
+        *,
+        read_table: Callable[[], MountTable],
+        fusectl: Fusectl,
+        prober: Prober,
+        umount2: Umount2,
+        metrics: HealerMetrics,
+        notify: Notify | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self._read_table = read_table
+        self._fusectl = fusectl
+        self._prober = prober
+        self._umount2 = umount2
+        self._metrics = metrics
+        self._notify = notify
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._watches: dict[tuple[int, int], _Watch] = {}
+        self._warned: set[str] = set()
+        self.last_reports: tuple[MountReport, ...] = ()
+        self.last_roots: tuple[str, ...] = ()
+        self.fusectl_ok = False
+        self._fd_scan: FuseFdScan | None = None
+
+    # -- the sweep -------------------------------------------------------
+
+    def sweep(self) -> list[MountReport]:
+        """One pass over every FUSE mount under the roots; returns a report per mount."""
+        started = self._clock()
+        table = self._read_table()
+        candidates = self._candidates(table)
+        self._check_fusectl()
+        self._fd_scan = (
+            None if self.fusectl_ok or not candidates else scan_fuse_fds(self.config.proc_root)
+        )
+        now = self._clock()
+        to_probe: list[_Candidate] = []
+        for cand in candidates:
+            if self._assess(cand, now):
+                to_probe.append(cand)
+        if to_probe:
+            self._confirm(to_probe, now)
+        severed = [c for c in candidates if c.verdict is Verdict.SEVERED]
+        if severed:
+            self._heal(severed)
+        live = {(c.mount.mount_id, c.conn_id) for c in candidates}
+        self._watches = {k: w for k, w in self._watches.items() if k in live}
+        reports = [c.report() for c in candidates]
+        self.last_reports = tuple(reports)
+        self._metrics.sweep_duration.observe(self._clock() - started)
+        self._metrics.last_sweep.set(self._wall_clock())
+        return reports
+
+    def _candidates(self, table: MountTable) -> list[_Candidate]:
+        roots, missing = table.autofs_roots(self.config.roots)
+        for path in missing:
+            self._warn_once(
+                f"missing:{path}", "root %s is not an autofs mount point; skipped", path
+            )
+        for root in roots:
+            if root.is_slave:
+                self._warn_once(
+                    f"slave:{root.mountpoint}",
+                    "root %s is a slave copy: an unmount here does not reach the real autofs "
+                    "root (mount it with Bidirectional propagation)",
+                    root.mountpoint,
+                )
+        self.last_roots = tuple(r.mountpoint for r in roots)
+        seen: set[int] = set()
+        candidates = []
+        for root in roots:
+            for mount in table.fuse_under(root):
+                if mount.mount_id in seen:
+                    continue
+                seen.add(mount.mount_id)
+                conn = connection_id(mount.major, mount.minor)
+                candidates.append(_Candidate(root, mount, conn))
+        return candidates
+
+    def _check_fusectl(self) -> None:
+        try:
+            self._fusectl.ensure_mounted()
+        except FusectlError as err:
+            self.fusectl_ok = False
+            self._warn_once("fusectl", "fusectl unavailable, falling back to fdinfo: %s", err)
+        else:
+            self.fusectl_ok = True
+        self._metrics.fusectl_available.set(1 if self.fusectl_ok else 0)
+
+    def _assess(self, cand: _Candidate, now: float) -> bool:
+        """Zero-touch verdict from fusectl; True if the mount must be probed."""
+        watch = self._watches.setdefault((cand.mount.mount_id, cand.conn_id), _Watch())
+        conn = self._connection(cand)
+        if conn is None:
+            cand.verdict = Verdict.SKIPPED
+            cand.details.append(
+                f"no fusectl connection {cand.conn_id}"
+                if self.fusectl_ok
+                else "fusectl unavailable and fdinfo names no connections"
+            )
+            return False
+        if conn.aborted:
+            cand.details.append("connection aborted (daemon gone)")
+            return True
+        if conn.waiting == 0:
+            if watch.hung_since is not None:
+                log.info("%s answers again", cand.mount.mountpoint)
+            watch.waiting_since = watch.hung_since = None
+            return False
+        if watch.waiting_since is None:
+            watch.waiting_since = now
+        if watch.hung_since is not None:
+            # Known hung: report it from memory; another probe would only
+            # block another process in the kernel.
+            cand.verdict = Verdict.HUNG
+            cand.details.append(watch.hung_detail)
+            self._maybe_abort(cand, watch, now)
+            return False
+        if now - watch.waiting_since >= self.config.hung_after:
+            cand.details.append(
+                f"{conn.waiting} request(s) unanswered for {now - watch.waiting_since:.1f}s"
+            )
+            return True
+        return False
+
+    def _connection(self, cand: _Candidate) -> Connection | None:
+        if self.fusectl_ok:
+            return self._fusectl.read(cand.conn_id)
+        # Without fusectl, a connection that no process serves is as good as
+        # aborted (the probe confirms). Older kernels do not name connections
+        # in fdinfo: then nothing can be told.
+        scan = self._fd_scan
+        if scan is None or scan.unnamed:
+            return None
+        served = cand.conn_id in scan.holders
+        return Connection(cand.conn_id, 0 if served else ABORTED_MAX_BACKGROUND, 0)
+
+    def _confirm(self, cands: Sequence[_Candidate], now: float) -> None:
+        results = self._prober.probe(c.mount.mountpoint for c in cands)
+        for cand in cands:
+            result = results[cand.mount.mountpoint]
+            self._metrics.probe_duration.observe(result.seconds)
+            self._judge(cand, result, now)
+            self._metrics.probes.labels(str(cand.verdict)).inc()
+
+    def _judge(self, cand: _Candidate, result: ProbeResult, now: float) -> None:
+        cand.details.append(result.describe())
+        if result.dead_endpoint:
+            cand.verdict = Verdict.SEVERED
+            log.warning("%s is severed (%s)", cand.mount.mountpoint, result.describe())
+        elif result.timed_out:
+            cand.verdict = Verdict.HUNG
+            watch = self._watches[(cand.mount.mount_id, cand.conn_id)]
+            watch.hung_since = now
+            daemons = scan_fuse_fds(self.config.proc_root).holders.get(cand.conn_id, [])
+            watch.hung_detail = (
+                "daemon " + ", ".join(map(str, daemons)) if daemons else "daemon not found"
+            )
+            cand.details.append(watch.hung_detail)
+            log.warning("%s is hung: %s", cand.mount.mountpoint, "; ".join(cand.details))
+            self._event(
+                "Warning",
+                "FuseMountHung",
+                f"FUSE mount {cand.mount.mountpoint} does not answer: {'; '.join(cand.details)}",
+            )
+            self._maybe_abort(cand, watch, now)
+        elif result.error == 0:
+            cand.verdict = Verdict.HEALTHY
+        else:
+            # Flagged, but the error is not a dead endpoint: not sure enough to act.
+            cand.verdict = Verdict.SKIPPED
+            log.warning("%s flagged but %s; left alone", cand.mount.mountpoint, result.describe())
+
+    def _maybe_abort(self, cand: _Candidate, watch: _Watch, now: float) -> None:
+        limit = self.config.abort_hung_after
+        if limit is None or watch.hung_since is None or now - watch.hung_since < limit:
+            return
+        if self.config.dry_run:
+            cand.details.append("would abort")
+            return
+        try:
+            self._fusectl.abort(cand.conn_id)
+        except FusectlError as err:
+            cand.action = Action.FAILED
+            cand.details.append(str(err))
+            log.error("cannot abort %s: %s", cand.mount.mountpoint, err)
+            return
+        self._metrics.aborts.inc()
+        log.warning("aborted hung connection %d of %s", cand.conn_id, cand.mount.mountpoint)
+        cand.action = Action.ABORTED
+        cand.details.append(f"aborted connection {cand.conn_id}")
+        # The abort fails every request at once; confirm before healing.
+        result = self._prober.probe([cand.mount.mountpoint])[cand.mount.mountpoint]
+        cand.details.append(result.describe())
+        if result.dead_endpoint:
+            cand.verdict = Verdict.SEVERED
+            watch.hung_since = watch.waiting_since = None
+
+    # -- healing ---------------------------------------------------------
+
+    def _heal(self, severed: list[_Candidate]) -> None:
+        """Unmount severed mounts in the root, innermost and topmost first.
+
+        Before each unmount mountinfo is read again and the mount must still be
+        the one a path walk reaches at that point (same mount ID and device):
+        never unmount on stale data.
+        """
+        pending = sorted(
+            severed, key=lambda c: (c.mount.mountpoint.count("/"), c.mount.mount_id), reverse=True
+        )
+        while pending:
+            table = self._read_table()
+            progress = False
+            for cand in list(pending):
+                top = table.top_at(cand.mount.mountpoint)
+                if (
+                    top is None
+                    or top.mount_id != cand.mount.mount_id
+                    or top.device != cand.mount.device
+                ):
+                    continue
+                pending.remove(cand)
+                self._unmount(cand)
+                progress = True
+                break
+            if not progress:
+                break
+        for cand in pending:
+            cand.details.append("mount changed or is covered by another mount; left alone")
+
+    def _unmount(self, cand: _Candidate) -> None:
+        path = cand.mount.mountpoint
+        aborted = cand.action is Action.ABORTED
+        if self.config.dry_run:
+            cand.action = Action.WOULD_UNMOUNT
+            self._metrics.dry_run_heals.inc()
+            log.warning("dry run: would unmount severed %s", path)
+            return
+        try:
+            try:
+                self._umount2(path, 0)
+                cand.action, method = Action.UNMOUNTED, "umount"
+            except OSError as err:
+                if err.errno != errno.EBUSY:
+                    raise
+                # A process still holds a file on the dead mount.
+                self._umount2(path, MNT_DETACH)
+                cand.action, method = Action.DETACHED, "detach"
+        except OSError as err:
+            reason = errno.errorcode.get(err.errno or 0, "unknown")
+            cand.action = Action.FAILED
+            cand.details.append(f"umount: {reason}")
+            self._metrics.heal_failures.labels(reason).inc()
+            log.error("cannot unmount severed %s: %s", path, err)
+            self._event("Warning", "FuseMountHealFailed", f"cannot unmount {path}: {err}")
+            return
+        self._metrics.heals.labels(method).inc()
+        if aborted:
+            cand.details.append("aborted then healed")
+        log.warning("healed severed %s (%s)", path, cand.action)
+        self._event("Normal", "FuseMountHealed", f"unmounted severed FUSE mount {path} ({method})")
+
+    # -- helpers ---------------------------------------------------------
+
+    def _event(self, type_: str, reason: str, message: str) -> None:
+        if self._notify is not None:
+            self._notify(type_, reason, message)
+
+    def _warn_once(self, key: str, msg: str, *args: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg, *args)
