@@ -82,13 +82,18 @@ class TextFormatter(logging.Formatter):
         return mask_secrets(text) if record.exc_info else text
 
 
+_HANDLER_NAME = "node-agents"
+
+
 def setup_logging(level: str = "info", fmt: str = "text", stream: IO[str] | None = None) -> None:
     """Configure the root logger once per process (later calls replace it)."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(SecretFilter())
+    handler.set_name(_HANDLER_NAME)
     root = logging.getLogger()
-    for old in list(root.handlers):
+    # Replace only our own handler: others (a test runner's capture) stay.
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())

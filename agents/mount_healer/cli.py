@@ -81,10 +81,11 @@ def build_parser(environ: Mapping[str, str] | None = None) -> AgentArgumentParse
     )
     parser.add_argument(
         "--abort-hung-after",
-        type=positive_float,
+        type=non_negative_float,
         default=defaults.abort_hung_after,
         env="ABORT_HUNG_AFTER",
-        help="abort a connection hung this long through fusectl, then heal it (off by default)",
+        help="abort a connection hung this many seconds through fusectl, then heal it "
+        "(0: as soon as it is found hung; off by default)",
     )
     parser.add_argument(
         "--no-event-driven",

@@ -76,6 +76,12 @@ class HealerMetrics:
             "interval does.",
             registry=registry,
         )
+        # Series exist at 0 from the start, so that rate() and increase()
+        # see the first event.
+        for verdict in VERDICTS:
+            self.probes.labels(verdict)
+        for method in ("umount", "detach"):
+            self.heals.labels(method)
         self.fusectl_available = Gauge(
             f"{PREFIX}_fusectl_available",
             "1 when fusectl is readable: without it severed mounts cannot be seen.",

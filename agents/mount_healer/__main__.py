@@ -1,0 +1,7 @@
+"""`python -m agents.mount_healer` runs the healer like its console script."""
+
+import sys
+
+from agents.mount_healer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,93 @@
+"""Fixtures shared by all tests: root-only skipping and leak checks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from agents.mount_healer.mountinfo import read_mount_table
+from tests.support.autofs import AutofsWorld, missing_tools
+
+IS_ROOT = os.geteuid() == 0
+IN_CI = bool(os.environ.get("CI"))
+
+
+def require_root_tools() -> None:
+    """Skip (or fail in CI, where everything must run) without root or the autofs tools."""
+    reason = None
+    if not IS_ROOT:
+        reason = "needs root: real autofs, FUSE mounts and umount2"
+    elif missing := missing_tools():
+        reason = f"needs {', '.join(missing)} (apt-get install autofs squashfuse squashfs-tools)"
+    if reason is None:
+        return
+    if IN_CI:
+        pytest.fail(f"CI must run this test: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    # autofs map entries and squashfuse paths must not contain spaces.
+    assert " " not in str(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def world(workdir: Path) -> Iterator[AutofsWorld]:
+    """An autofs root `workdir/root` with repo1 and repo2 (60 s expiry)."""
+    require_root_tools()
+    w = AutofsWorld(workdir).start()
+    try:
+        yield w
+    finally:
+        w.stop()
+
+
+def _settle(check: object, timeout: float = 3.0) -> object:
+    """Re-evaluate `check()` until it is empty or the time is up (threads and children
+    of a stopped agent take a moment to go)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = check()  # type: ignore[operator]
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """No thread, child process or mount may outlive the test that made it."""
+    threads = set(threading.enumerate())
+    mounts = {m.mount_id for m in read_mount_table().mounts}
+    yield
+    leaked_threads = _settle(
+        lambda: [t for t in threading.enumerate() if t not in threads and t.is_alive()]
+    )
+    children = _settle(lambda: psutil.Process().children(recursive=True))
+    leaked_mounts = [m.mountpoint for m in read_mount_table().mounts if m.mount_id not in mounts]
+    assert not leaked_threads, f"threads leaked: {leaked_threads}"
+    assert not children, f"child processes leaked: {children}"
+    assert not leaked_mounts, f"mounts leaked: {leaked_mounts}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fusectl_mounted() -> None:
+    """fusectl mounted once per session, as systemd does on a real node.
+
+    The healer mounts it itself when missing (tested on its own in a private
+    mount namespace); mounting it here keeps the per-test mount leak check exact.
+    """
+    if not IS_ROOT or not Path("/sys/fs/fuse/connections").is_dir():
+        return
+    if not os.path.ismount("/sys/fs/fuse/connections"):
+        subprocess.run(
+            ["mount", "-t", "fusectl", "fusectl", "/sys/fs/fuse/connections"], check=True
+        )
