@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from agents.mount_healer.mountinfo import read_mount_table
-from tests.support.autofs import AutofsWorld, missing_tools
+from hack.autofs_world import AutofsWorld, missing_tools
 
 IS_ROOT = os.geteuid() == 0
 IN_CI = bool(os.environ.get("CI"))
@@ -63,16 +63,23 @@ def _settle(check: object, timeout: float = 3.0) -> object:
 
 
 @pytest.fixture(autouse=True)
-def no_leaks() -> Iterator[None]:
-    """No thread, child process or mount may outlive the test that made it."""
+def no_leaks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No thread, child process or mount may outlive the test that made it.
+
+    Mounts are checked below pytest's temporary directory, where tests make
+    them: another run on the same machine (a benchmark, a second session)
+    must not fail this one.
+    """
+    base = str(tmp_path_factory.getbasetemp()) + "/"
     threads = set(threading.enumerate())
-    mounts = {m.mount_id for m in read_mount_table().mounts}
     yield
     leaked_threads = _settle(
         lambda: [t for t in threading.enumerate() if t not in threads and t.is_alive()]
     )
     children = _settle(lambda: psutil.Process().children(recursive=True))
-    leaked_mounts = [m.mountpoint for m in read_mount_table().mounts if m.mount_id not in mounts]
+    leaked_mounts = [
+        m.mountpoint for m in read_mount_table().mounts if m.mountpoint.startswith(base)
+    ]
     assert not leaked_threads, f"threads leaked: {leaked_threads}"
     assert not children, f"child processes leaked: {children}"
     assert not leaked_mounts, f"mounts leaked: {leaked_mounts}"

@@ -109,18 +109,35 @@ def run_loop(
         if iterations is not None and count >= iterations:
             break
         delay = interval * (1.0 + jitter * (2.0 * random.random() - 1.0)) - elapsed
-        _wait(stop, wake, max(0.0, delay), max(0.0, min_gap - (clock() - started)))
+        _wait(stop, wake, clock, until=clock() + max(0.0, delay), earliest=started + min_gap)
     return failures
 
 
-def _wait(stop: threading.Event, wake: threading.Event | None, delay: float, gap: float) -> None:
-    """Sleep `delay` seconds, or until woken (then at least `gap`), or until stopped."""
+# Longest a wait on `wake` goes without looking at `stop`: a stop event set by
+# a caller (not a signal handler) does not set `wake`.
+_STOP_CHECK = 0.1
+
+
+def _wait(
+    stop: threading.Event,
+    wake: threading.Event | None,
+    clock: Clock,
+    *,
+    until: float,
+    earliest: float,
+) -> None:
+    """Sleep until `until`, or until woken (but not before `earliest`), or stopped."""
     if wake is None:
-        stop.wait(delay)
+        stop.wait(max(0.0, until - clock()))
         return
-    if wake.wait(delay) and not stop.is_set():
-        wake.clear()
-        stop.wait(gap)
+    while not stop.is_set():
+        remaining = until - clock()
+        if remaining <= 0:
+            return
+        if wake.wait(min(remaining, _STOP_CHECK)):
+            wake.clear()
+            stop.wait(max(0.0, earliest - clock()))
+            return
 
 
 def install_stop_signals(

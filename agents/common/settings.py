@@ -8,6 +8,7 @@ error and exit code 2.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -41,12 +42,20 @@ def redacted(config: Any) -> dict[str, Any]:
     return out
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a number of seconds > 0."""
+def _finite(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        # time.sleep/Event.wait overflow on inf: refuse it at the door.
+        raise argparse.ArgumentTypeError(f"must be a finite number: {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number of seconds > 0."""
+    value = _finite(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
     return value
@@ -54,10 +63,7 @@ def positive_float(text: str) -> float:
 
 def non_negative_float(text: str) -> float:
     """argparse type: a number of seconds >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    value = _finite(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
     return value
@@ -91,6 +97,8 @@ def address(text: str) -> Address | None:
     host, sep, port_text = text.rpartition(":")
     if not sep:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise argparse.ArgumentTypeError(f"write an IPv6 address as [ADDRESS]:PORT, got {text!r}")
     host = host.strip("[]") or "0.0.0.0"
     try:
         port = int(port_text)
@@ -99,6 +107,23 @@ def address(text: str) -> Address | None:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port out of range in {text!r}")
     return Address(host, port)
+
+
+class _AppendReplacingDefault(argparse._AppendAction):
+    """`append`, except that the first flag given drops the default list."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        seen = f"_{self.dest}_given"
+        if not getattr(namespace, seen, False):
+            setattr(namespace, self.dest, [])
+            setattr(namespace, seen, True)
+        super().__call__(parser, namespace, values, option_string)
 
 
 class AgentArgumentParser(argparse.ArgumentParser):
@@ -121,6 +146,10 @@ class AgentArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_CONFIG, f"{self.prog}: error: {message}\n")
 
     def add_argument(self, *args: Any, env: str | None = None, **kw: Any) -> argparse.Action:
+        if kw.get("action") == "append":
+            # A flag given on the command line replaces the default (or env)
+            # list instead of adding to it, as single-value flags do.
+            kw["action"] = _AppendReplacingDefault
         if env is not None:
             var = f"{self.env_prefix}_{env}"
             if var in self.environ:
@@ -136,11 +165,13 @@ class AgentArgumentParser(argparse.ArgumentParser):
                 return boolean(raw)
             except argparse.ArgumentTypeError as err:
                 self.error(f"{var}: {err}")
-        if action == "append":
+        if action is _AppendReplacingDefault:
             # Lists come from env as a comma- or colon-separated string.
-            items = [p for p in raw.replace(":", ",").split(",") if p.strip()]
-            convert = kw.get("type", str)
-            return [self._convert(var, convert, item.strip()) for item in items]
+            items = [p.strip() for p in raw.replace(":", ",").split(",") if p.strip()]
+            return [self._checked(var, kw, item) for item in items]
+        return self._checked(var, kw, raw)
+
+    def _checked(self, var: str, kw: dict[str, Any], raw: str) -> Any:
         value = self._convert(var, kw.get("type", str), raw)
         if "choices" in kw and value not in kw["choices"]:
             self.error(f"{var}: {raw!r} is not one of {', '.join(map(str, kw['choices']))}")

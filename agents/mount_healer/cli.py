@@ -13,7 +13,6 @@ import os
 import sys
 import threading
 from collections.abc import Mapping, Sequence
-from functools import partial
 from typing import IO
 
 from prometheus_client import CollectorRegistry
@@ -37,7 +36,7 @@ from agents.mount_healer.config import HealerConfig
 from agents.mount_healer.fusectl import Fusectl
 from agents.mount_healer.healer import Healer, Notify
 from agents.mount_healer.metrics import PREFIX, HealerMetrics, SweepStateCollector
-from agents.mount_healer.mountinfo import MountinfoError, read_mount_table
+from agents.mount_healer.mountinfo import MountinfoError, MountinfoSource
 from agents.mount_healer.probe import Prober
 from agents.mount_healer.procevents import ExitWatcher
 from agents.mount_healer.unmount import umount2
@@ -193,7 +192,7 @@ def main(
     prober = Prober(config.probe_timeout)
     healer = Healer(
         config,
-        read_table=partial(read_mount_table, config.proc_root),
+        read_table=(mount_table := MountinfoSource(config.proc_root)),
         fusectl=Fusectl(config.fusectl_root),
         prober=prober,
         umount2=umount2,
@@ -210,6 +209,7 @@ def main(
             return 1
         finally:
             prober.close()
+            mount_table.close()
         for report in reports:
             print(report.line(), file=out)
         if not reports:
@@ -261,6 +261,7 @@ def main(
     finally:
         watcher.stop()
         prober.close()
+        mount_table.close()
         if server is not None:
             server.close()
         restore()

@@ -137,6 +137,8 @@ class Healer:
         self.last_roots: tuple[str, ...] = ()
         self.fusectl_ok = False
         self._fd_scan: FuseFdScan | None = None
+        self._layout: list[tuple[Mount, Mount, int]] = []
+        self._layout_of: MountTable | None = None
 
     # -- the sweep -------------------------------------------------------
 
@@ -168,11 +170,18 @@ class Healer:
         return reports
 
     def _candidates(self, table: MountTable) -> list[_Candidate]:
+        if table is not self._layout_of:
+            # The table source returns the same object while the kernel
+            # reports no mount change: the selection is still valid.
+            self._layout = self._select(table)
+            self._layout_of = table
+        return [_Candidate(root, mount, conn) for root, mount, conn in self._layout]
+
+    def _select(self, table: MountTable) -> list[tuple[Mount, Mount, int]]:
+        """(root, FUSE mount, connection) for every FUSE mount under the roots."""
         roots, missing = table.autofs_roots(self.config.roots)
         for path in missing:
-            self._warn_once(
-                f"missing:{path}", "root %s is not an autofs mount point; skipped", path
-            )
+            self._warn_once(f"missing:{path}", "root %s is not an autofs mount; skipped", path)
         for root in roots:
             if root.is_slave:
                 self._warn_once(
@@ -183,15 +192,13 @@ class Healer:
                 )
         self.last_roots = tuple(r.mountpoint for r in roots)
         seen: set[int] = set()
-        candidates = []
+        layout = []
         for root in roots:
             for mount in table.fuse_under(root):
-                if mount.mount_id in seen:
-                    continue
-                seen.add(mount.mount_id)
-                conn = connection_id(mount.major, mount.minor)
-                candidates.append(_Candidate(root, mount, conn))
-        return candidates
+                if mount.mount_id not in seen:
+                    seen.add(mount.mount_id)
+                    layout.append((root, mount, connection_id(mount.major, mount.minor)))
+        return layout
 
     def _check_fusectl(self) -> None:
         try:

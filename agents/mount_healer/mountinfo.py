@@ -6,11 +6,16 @@ Reading mountinfo touches no mount: it never refreshes an autofs expiry stamp
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import re
-from collections.abc import Iterable
+import select
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +24,8 @@ _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 def unescape(field: str) -> str:
     """Decode the kernel's octal escapes (`\\040` space, `\\011` tab, `\\012`, `\\134`)."""
+    if "\\" not in field:  # the common case, and a sweep parses ~1,000 lines
+        return field
     return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
@@ -26,9 +33,8 @@ class MountinfoError(OSError):
     """mountinfo cannot be read at all."""
 
 
-@dataclass(frozen=True)
-class Mount:
-    """One line of mountinfo."""
+class Mount(NamedTuple):
+    """One line of mountinfo (a tuple: cheap to build a thousand times a sweep)."""
 
     mount_id: int
     parent_id: int
@@ -68,28 +74,30 @@ def parse_line(line: str) -> Mount:
     Optional fields (`shared:N`, `master:N`, `propagate_from:N`, `unbindable`,
     and any future ones) run up to the `-` separator, so there may be none.
     """
-    fields = line.split()
-    try:
-        sep = fields.index("-", 6)
-    except ValueError:
-        raise ValueError(f"no '-' separator: {line!r}") from None
-    if len(fields) < sep + 3 or sep < 6:
-        raise ValueError(f"too few fields: {line!r}")
+    # Fields are separated by single spaces; a space inside a field is escaped
+    # as \\040, so " - " can only be the separator and an empty source shows
+    # as two spaces in a row.
+    left, sep, right = line.rstrip("\n").partition(" - ")
+    fields = left.split(" ")
+    fs = right.split(" ")
+    if not sep or len(fields) < 6 or len(fs) < 2:
+        raise ValueError(f"malformed mountinfo line: {line!r}")
     major_text, colon, minor_text = fields[2].partition(":")
     if not colon:
         raise ValueError(f"bad major:minor {fields[2]!r}")
+    # Positional: a sweep may parse a thousand lines.
     return Mount(
-        mount_id=int(fields[0]),
-        parent_id=int(fields[1]),
-        major=int(major_text),
-        minor=int(minor_text),
-        root=unescape(fields[3]),
-        mountpoint=unescape(fields[4]),
-        options=fields[5],
-        optional=tuple(fields[6:sep]),
-        fstype=unescape(fields[sep + 1]),
-        source=unescape(fields[sep + 2]),
-        super_options=fields[sep + 3] if len(fields) > sep + 3 else "",
+        int(fields[0]),
+        int(fields[1]),
+        int(major_text),
+        int(minor_text),
+        unescape(fields[3]),
+        unescape(fields[4]),
+        fields[5],
+        tuple(fields[6:]),
+        unescape(fs[0]),
+        unescape(fs[1]),
+        fs[2] if len(fs) > 2 else "",
     )
 
 
@@ -113,6 +121,7 @@ class MountTable:
                 malformed.append(line)
         return cls(tuple(mounts), tuple(malformed))
 
+    @functools.cached_property
     def by_id(self) -> dict[int, Mount]:
         return {m.mount_id: m for m in self.mounts}
 
@@ -158,7 +167,7 @@ class MountTable:
 
     def fuse_under(self, root: Mount) -> list[Mount]:
         """FUSE mounts whose chain of parents reaches `root` (stacked ones included)."""
-        by_id = self.by_id()
+        by_id = self.by_id
         found = []
         for m in self.mounts:
             if not m.is_fuse:
@@ -183,7 +192,69 @@ def read_mount_table(proc_root: Path | str = "/proc") -> MountTable:
         text = path.read_text(encoding="utf-8", errors="surrogateescape")
     except OSError as err:
         raise MountinfoError(err.errno, f"cannot read {path}: {err.strerror}") from err
-    table = MountTable.parse(text)
+    return _logged(MountTable.parse(text))
+
+
+def _logged(table: MountTable) -> MountTable:
     for line in table.malformed:
         log.warning("skipping malformed mountinfo line: %r", line)
     return table
+
+
+class MountinfoSource:
+    """The mount table, parsed again only when the kernel says it changed.
+
+    A poller of mountinfo gets POLLPRI|POLLERR after any mount or unmount in
+    its namespace, propagated ones included (fs/proc_namespace.c
+    `mounts_poll`; systemd and libmount rely on it). Parsing 1,000 lines
+    costs more than the rest of a sweep, so an unchanged table is reused; it
+    is still re-read every `max_age` seconds, in case.
+    """
+
+    def __init__(
+        self,
+        proc_root: Path | str = "/proc",
+        *,
+        max_age: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = Path(proc_root) / "self" / "mountinfo"
+        self.max_age = max_age
+        self._clock = clock
+        self._fd: int | None = None
+        self._poller = select.poll()
+        self._table: MountTable | None = None
+        self._read_at = 0.0
+        self.reads = 0
+
+    def __call__(self) -> MountTable:
+        if self._table is None or self._changed() or self._clock() - self._read_at > self.max_age:
+            self._table = _logged(MountTable.parse(self._read()))
+            self._read_at = self._clock()
+            self.reads += 1
+        return self._table
+
+    def _changed(self) -> bool:
+        return any(mask & (select.POLLPRI | select.POLLERR) for _, mask in self._poller.poll(0))
+
+    def _read(self) -> str:
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                self._poller.register(self._fd, select.POLLPRI | select.POLLERR)
+            self._changed()  # consume a pending change: this read sees it
+            os.lseek(self._fd, 0, os.SEEK_SET)
+            chunks = []
+            while chunk := os.read(self._fd, 1 << 16):
+                chunks.append(chunk)
+        except OSError as err:
+            self.close()
+            raise MountinfoError(err.errno, f"cannot read {self.path}: {err.strerror}") from err
+        return b"".join(chunks).decode("utf-8", errors="surrogateescape")
+
+    def close(self) -> None:
+        if self._fd is not None:
+            self._poller.unregister(self._fd)
+            os.close(self._fd)
+            self._fd = None
+        self._table = None

@@ -19,9 +19,9 @@ import pytest
 
 from agents.mount_healer.cli import main
 from agents.mount_healer.mountinfo import read_mount_table
+from hack.autofs_world import AutofsWorld, force_unmount_under, wait_for
 from tests.conftest import require_root_tools
 from tests.support.agent import AgentThread
-from tests.support.autofs import AutofsWorld, force_unmount_under, wait_for
 
 pytestmark = pytest.mark.root
 

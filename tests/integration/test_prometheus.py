@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from agents.mount_healer.cli import main
+from hack.autofs_world import AutofsWorld, wait_for
 from tests.conftest import IN_CI
 from tests.support.agent import AgentThread
-from tests.support.autofs import AutofsWorld, wait_for
 
 pytestmark = pytest.mark.root
 

@@ -1,4 +1,4 @@
-"""A real autofs world for tests: squashfs images, a real automount daemon, squashfuse.
+"""A real autofs world: squashfs images, a real automount daemon, squashfuse mounts.
 
 The map line is the one from design.md:
 `repo1 -fstype=fuse,ro,allow_other :squashfuse\\#/path/repo1.sqfs`. automount
