@@ -142,7 +142,11 @@ def scan_fuse_fds(proc_root: Path | str = "/proc") -> FuseFdScan:
         if not entry.name.isdigit():
             continue
         try:
-            for fd in os.scandir(f"{entry.path}/fd"):
+            fds = list(os.scandir(f"{entry.path}/fd"))
+        except OSError:
+            continue  # the process exited, or is not ours to read
+        for fd in fds:
+            try:
                 if os.readlink(fd.path) != "/dev/fuse":
                     continue
                 conn = _fdinfo_connection(f"{entry.path}/fdinfo/{fd.name}")
@@ -150,8 +154,8 @@ def scan_fuse_fds(proc_root: Path | str = "/proc") -> FuseFdScan:
                     unnamed += 1
                 else:
                     holders.setdefault(conn, []).append(_daemon(int(entry.name), entry.path))
-        except OSError:
-            continue  # the process exited, or is not ours to read
+            except OSError:
+                continue  # this fd was closed meanwhile; the others still count
     return FuseFdScan(holders, unnamed)
 
 

@@ -71,8 +71,13 @@ class MountReport:
     def line(self) -> str:
         """The `--once` output line: path, verdict, action, detail."""
         return "\t".join(
-            [self.mountpoint, str(self.verdict), str(self.action), self.detail]
+            [_escape(self.mountpoint), str(self.verdict), str(self.action), _escape(self.detail)]
         ).rstrip("\t")
+
+
+def _escape(text: str) -> str:
+    """Octal-escape what would break a tab-separated line, as mountinfo does."""
+    return text.replace("\\", "\\134").replace("\t", "\\011").replace("\n", "\\012")
 
 
 @dataclass
@@ -213,7 +218,14 @@ class Healer:
     def _assess(self, cand: _Candidate, now: float) -> bool:
         """Zero-touch verdict from fusectl; True if the mount must be probed."""
         watch = self._watches.setdefault((cand.mount.mount_id, cand.conn_id), _Watch())
-        conn = self._connection(cand)
+        try:
+            conn = self._connection(cand)
+        except FusectlError as err:
+            # E.g. a connection being torn down as automount expires the
+            # mount: this mount is unknown this sweep, the others are not.
+            cand.verdict = Verdict.SKIPPED
+            cand.details.append(str(err))
+            return False
         if conn is None:
             cand.verdict = Verdict.SKIPPED
             cand.details.append(
@@ -314,10 +326,12 @@ class Healer:
         cand.details.append(f"aborted connection {cand.conn_id}")
         # The abort fails every request at once; confirm before healing.
         result = self._prober.probe([cand.mount.mountpoint])[cand.mount.mountpoint]
+        self._metrics.probe_duration.observe(result.seconds)
         cand.details.append(result.describe())
         if result.dead_endpoint:
             cand.verdict = Verdict.SEVERED
             watch.hung_since = watch.waiting_since = None
+        self._metrics.probes.labels(str(cand.verdict)).inc()
 
     # -- healing ---------------------------------------------------------
 
@@ -331,8 +345,15 @@ class Healer:
         pending = sorted(
             severed, key=lambda c: (c.mount.mountpoint.count("/"), c.mount.mount_id), reverse=True
         )
+        # A dry run unmounts nothing; it takes what it would unmount out of its
+        # view, so that it reports what a real run would do with stacked mounts.
+        would_unmount: set[int] = set()
         while pending:
             table = self._read_table()
+            if would_unmount:
+                table = MountTable(
+                    tuple(m for m in table.mounts if m.mount_id not in would_unmount)
+                )
             progress = False
             for cand in list(pending):
                 top = table.top_at(cand.mount.mountpoint)
@@ -344,6 +365,8 @@ class Healer:
                     continue
                 pending.remove(cand)
                 self._unmount(cand)
+                if self.config.dry_run:
+                    would_unmount.add(cand.mount.mount_id)
                 progress = True
                 break
             if not progress:

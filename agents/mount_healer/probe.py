@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 # connected", or "Software caused connection abort" after an abort).
 DEAD_ENDPOINT_ERRNOS = frozenset({errno.ENOTCONN, errno.ECONNABORTED})
 
+# `error` of a probe that could not be started or whose output was garbage.
+NOT_STARTED = -1
+
 _PROBE_SOURCE = (
     "import os, sys\n"
     "try:\n"
@@ -56,6 +59,8 @@ class ProbeResult:
     def describe(self) -> str:
         if self.error is None:
             return f"no answer within {self.seconds:.1f}s"
+        if self.error == NOT_STARTED:
+            return "probe could not run"
         if self.error == 0:
             return "statvfs ok"
         return f"statvfs: {errno.errorcode.get(self.error, self.error)} ({self.error})"
@@ -82,7 +87,9 @@ class Prober:
         started = self._clock()
         children: dict[str, subprocess.Popen[bytes]] = {}
         results: dict[str, ProbeResult] = {}
-        for path in paths:
+        # Once per path: stacked mounts share a mount point, and a walk
+        # reaches only the top one anyway.
+        for path in dict.fromkeys(paths):
             try:
                 children[path] = subprocess.Popen(
                     [self._python, "-I", "-S", "-c", _PROBE_SOURCE, path],
@@ -92,8 +99,9 @@ class Prober:
                     close_fds=True,
                 )
             except OSError as err:
+                # Not a timeout: the mount was never asked, nothing is known.
                 log.error("cannot start a probe for %s: %s", path, err)
-                results[path] = ProbeResult(path, None, 0.0)
+                results[path] = ProbeResult(path, NOT_STARTED, 0.0)
         deadline = started + self.timeout
         for path, child in children.items():
             try:
@@ -104,9 +112,9 @@ class Prober:
                 results[path] = ProbeResult(path, None, self._clock() - started)
                 continue
             try:
-                code = int(out.strip() or b"-1")
+                code = int(out.strip())
             except ValueError:
-                code = -1
+                code = NOT_STARTED
             results[path] = ProbeResult(path, code, self._clock() - started)
         return results
 

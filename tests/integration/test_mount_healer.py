@@ -303,3 +303,26 @@ def test_sigterm_stops_the_agent_promptly(world: AutofsWorld) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_fusectl_is_mounted_when_missing(world: AutofsWorld) -> None:
+    """In a container's fresh /sys fusectl is not mounted: the healer mounts it.
+
+    Runs in a private mount namespace (unshare), so the host's fusectl stays.
+    """
+    world.access("repo1")
+    script = (
+        "umount /sys/fs/fuse/connections && "
+        f"{sys.executable} -m agents.mount_healer --once --log-level error "
+        f"--root {world.root} && grep -c ' - fusectl ' /proc/self/mountinfo"
+    )
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split("\t")[:3] == [str(world.path("repo1")), "healthy", "none"]
+    assert lines[-1] == "1"
