@@ -109,16 +109,31 @@ class MountTable:
     malformed: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, text: str) -> MountTable:
+    def parse(cls, text: str, known: dict[str, Mount] | None = None) -> MountTable:
+        """Parse mountinfo text; malformed lines are kept aside, not fatal.
+
+        `known` maps lines of an earlier read to their parse; it is refilled
+        with this read's lines. The kernel prints an unchanged mount the same
+        way every time, so after a change only the new lines are parsed.
+        """
+        earlier = dict(known) if known else {}
+        if known is not None:
+            known.clear()
         mounts: list[Mount] = []
         malformed: list[str] = []
         for line in text.splitlines():
-            if not line.strip():
-                continue
-            try:
-                mounts.append(parse_line(line))
-            except ValueError:
-                malformed.append(line)
+            mount = earlier.get(line)
+            if mount is None:
+                if not line.strip():
+                    continue
+                try:
+                    mount = parse_line(line)
+                except ValueError:
+                    malformed.append(line)
+                    continue
+            if known is not None:
+                known[line] = mount
+            mounts.append(mount)
         return cls(tuple(mounts), tuple(malformed))
 
     @functools.cached_property
@@ -224,12 +239,13 @@ class MountinfoSource:
         self._fd: int | None = None
         self._poller = select.poll()
         self._table: MountTable | None = None
+        self._known: dict[str, Mount] = {}
         self._read_at = 0.0
         self.reads = 0
 
     def __call__(self) -> MountTable:
         if self._table is None or self._changed() or self._clock() - self._read_at > self.max_age:
-            self._table = _logged(MountTable.parse(self._read()))
+            self._table = _logged(MountTable.parse(self._read(), self._known))
             self._read_at = self._clock()
             self.reads += 1
         return self._table

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from agents.mount_healer.cli import main
-from agents.mount_healer.mountinfo import read_mount_table
+from agents.mount_healer.mountinfo import MountinfoSource, read_mount_table
 from hack.autofs_world import AutofsWorld, force_unmount_under, wait_for
 from tests.conftest import require_root_tools
 from tests.support.agent import AgentThread
@@ -326,3 +326,23 @@ def test_fusectl_is_mounted_when_missing(world: AutofsWorld) -> None:
     lines = done.stdout.splitlines()
     assert lines[0].split("\t")[:3] == [str(world.path("repo1")), "healthy", "none"]
     assert lines[-1] == "1"
+
+
+def test_mount_table_is_read_again_only_after_a_change(workdir: Path) -> None:
+    require_root_tools()
+    source = MountinfoSource()
+    try:
+        first = source()
+        assert source() is first and source.reads == 1
+        target = workdir / "tmpfs"
+        target.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(target)], check=True)
+        try:
+            changed = source()
+            assert changed is not first and source.reads == 2
+            assert changed.top_at(str(target)) is not None
+        finally:
+            subprocess.run(["umount", str(target)], check=True)
+        assert source().top_at(str(target)) is None and source.reads == 3
+    finally:
+        source.close()

@@ -430,3 +430,19 @@ def test_read_mount_table_missing(tmp_path: Path) -> None:
     assert isinstance(exc.value, OSError)
     assert exc.value.errno == errno.ENOENT
     assert str(tmp_path / "self" / "mountinfo") in str(exc.value)
+
+
+def test_parse_with_known_lines_reuses_unchanged_mounts_and_forgets_gone_ones() -> None:
+    root = "27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw"
+    repo = "43 27 0:40 / /cvmfs/a ro,relatime - fuse cvmfs2 ro,user_id=0,group_id=0"
+    other = "44 27 0:41 / /cvmfs/b ro,relatime - fuse cvmfs2 ro,user_id=0,group_id=0"
+    known: dict[str, Mount] = {}
+    first = MountTable.parse(f"{root}\n{repo}\n", known)
+    assert set(known) == {root, repo}
+
+    second = MountTable.parse(f"{root}\n{other}\nnot a mountinfo line\n", known)
+
+    assert second.mounts[0] is first.mounts[0]  # unchanged: not parsed again
+    assert [m.mountpoint for m in second.mounts] == ["/", "/cvmfs/b"]
+    assert second.malformed == ("not a mountinfo line",)
+    assert set(known) == {root, other}  # the gone mount is forgotten
