@@ -28,32 +28,42 @@ def load_api_client(kubeconfig: str | None = None, *, enabled: bool = True) -> A
     """An `ApiClient`, or None for local mode.
 
     Order: an explicit kubeconfig path; in-cluster config (the service-account
-    token the kubelet mounts); `$KUBECONFIG` or `~/.kube/config`; else None.
+    token the kubelet mounts); `$KUBECONFIG` (a list of files, as kubectl
+    reads it) or `~/.kube/config`; else None.
     """
     if not enabled:
         return None
-    explicit = kubeconfig or None
     in_cluster = "KUBERNETES_SERVICE_HOST" in os.environ and SERVICE_ACCOUNT_TOKEN.exists()
-    default_file = Path(os.environ.get("KUBECONFIG", "~/.kube/config")).expanduser()
-    if explicit is None and not in_cluster and not default_file.is_file():
+    default_files = os.environ.get("KUBECONFIG", "~/.kube/config")
+    found = [p for p in default_files.split(os.pathsep) if p and Path(p).expanduser().is_file()]
+    if not kubeconfig and not in_cluster and not found:
         return None
-    from kubernetes import client
-    from kubernetes import config as kube_config
-
-    config: Any = kube_config  # its loaders are untyped
-
+    where = kubeconfig or ("in-cluster config" if in_cluster else default_files)
+    try:
+        from kubernetes import client
+        from kubernetes import config as kube_config
+    except ImportError as err:
+        raise KubeConfigError(
+            f"{where} configures a cluster, but the Kubernetes client is not installed "
+            "(install the [kube] extra)"
+        ) from err
+    loaders: Any = kube_config  # its loaders are untyped
     configuration = client.Configuration()
     try:
-        if explicit is not None:
-            config.load_kube_config(config_file=explicit, client_configuration=configuration)
+        if kubeconfig:
+            loaders.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
         elif in_cluster:
-            config.load_incluster_config(client_configuration=configuration)
+            loaders.load_incluster_config(client_configuration=configuration)
         else:
-            config.load_kube_config(
-                config_file=str(default_file), client_configuration=configuration
+            # The client merges a KUBECONFIG list itself, like kubectl.
+            loaders.load_kube_config(
+                config_file=os.pathsep.join(found), client_configuration=configuration
             )
     except Exception as err:
-        raise KubeConfigError(f"cannot load Kubernetes config: {err}") from err
+        # One line: the agents report config errors as a single error line,
+        # and PyYAML's messages span several.
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise KubeConfigError(f"cannot load Kubernetes config from {where}: {detail}") from err
     return client.ApiClient(configuration)
 
 
