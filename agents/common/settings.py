@@ -160,7 +160,7 @@ class AgentArgumentParser(argparse.ArgumentParser):
     def _from_env(self, var: str, kw: dict[str, Any]) -> Any:
         raw = self.environ[var]
         action = kw.get("action")
-        if action in ("store_true", "store_false"):
+        if action in ("store_true", "store_false", argparse.BooleanOptionalAction):
             try:
                 return boolean(raw)
             except argparse.ArgumentTypeError as err:

@@ -7,6 +7,7 @@ stop event.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -87,10 +88,12 @@ def build_parser(environ: Mapping[str, str] | None = None) -> AgentArgumentParse
         "(0: as soon as it is found hung; off by default)",
     )
     parser.add_argument(
-        "--no-event-driven",
-        dest="event_driven",
-        action="store_false",
-        help="do not wake sweeps on process exits; sweep on the interval only",
+        "--event-driven",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.event_driven,
+        env="EVENT_DRIVEN",
+        help="wake a sweep when a process exits (needs host PID and network namespaces); "
+        "--no-event-driven: sweep on the interval only",
     )
     parser.add_argument(
         "--event-min-gap",
@@ -132,13 +135,6 @@ def config_from_args(argv: Sequence[str] | None, environ: Mapping[str, str] | No
     for root in args.roots:
         if not os.path.isabs(root):
             raise ConfigError(f"--root must be an absolute path: {root!r}")
-    if environ is None:
-        event_env = os.environ.get("AUTOMOUNT_HEALER_EVENT_DRIVEN")
-    else:
-        event_env = environ.get("AUTOMOUNT_HEALER_EVENT_DRIVEN")
-    event_driven = args.event_driven
-    if event_env is not None and event_driven:
-        event_driven = event_env.strip().lower() in ("1", "true", "yes", "on")
     return HealerConfig(
         roots=tuple(r.rstrip("/") or "/" for r in args.roots),
         interval=args.interval,
@@ -147,7 +143,7 @@ def config_from_args(argv: Sequence[str] | None, environ: Mapping[str, str] | No
         probe_timeout=args.probe_timeout,
         hung_after=args.hung_after,
         abort_hung_after=args.abort_hung_after,
-        event_driven=event_driven,
+        event_driven=args.event_driven,
         event_min_gap=args.event_min_gap,
         fusectl_root=args.fusectl_root,
         proc_root=args.proc_root,
