@@ -1,5 +1,2 @@
-"""GPU memory enforcer for time-sliced NVIDIA cards (issue 3; not built yet).
-
-The package exists so that the import-boundary contracts in pyproject.toml
-cover every agent from the start.
-"""
+"""GPU memory enforcer: stops pods whose GPU memory exceeds their agreed share of a
+time-sliced NVIDIA card, so that one notebook cannot OOM everyone else on it."""

@@ -1,0 +1,445 @@
+"""One tick of the GPU memory enforcer: sample, attribute, decide, act.
+
+Time slicing shares a card with no memory isolation: one pod can take all of
+it and make its neighbours fail. Each tick lists every GPU's compute
+processes through NVML, maps each host PID to its pod through
+/proc/<pid>/cgroup, sums memory per pod per GPU, and compares it with the
+pod's limit (limits.py) through the policy (policy.py). Nothing is done on
+uncertain data: an NVML error, usage not available, a record that fails a
+sanity check, a MIG card, a pod the node does not know.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from agents.common.process import (
+    ProcessGone,
+    ProcessRef,
+    ProcessReplaced,
+    is_running,
+    signal_process,
+)
+from agents.gpu_enforcer.attribution import AttributionError, ContainerRef, read_cgroup
+from agents.gpu_enforcer.attribution import ProcessGone as AttributionGone
+from agents.gpu_enforcer.config import EnforcerConfig
+from agents.gpu_enforcer.limits import Limit, LimitError, LimitPolicy
+from agents.gpu_enforcer.metrics import EnforcerMetrics
+from agents.gpu_enforcer.nvml import Gpu, Nvml, NvmlError
+from agents.gpu_enforcer.policy import Decision, Policy, Usage, Verdict
+
+log = logging.getLogger(__name__)
+
+HOST = "host"
+
+
+class Action(StrEnum):
+    NONE = "none"
+    KILL = "kill"
+    EVICT = "evict"
+    OBSERVE = "observe"
+    WOULD_KILL = "would-kill"
+    WOULD_EVICT = "would-evict"
+    TERMINATING = "terminating"
+    REFUSED = "refused"
+    FAILED = "failed"
+
+
+class PodDirectory(Protocol):
+    """What the enforcer needs to know about pods: Kubernetes, or a limits file."""
+
+    def pod(self, uid: str) -> Mapping[str, Any] | None: ...
+
+    def namespace_default(self, namespace: str) -> str | None: ...
+
+    def replicas(self) -> int | None: ...
+
+
+class Evictor(Protocol):
+    def evict(self, namespace: str, name: str) -> bool:
+        """True when the eviction was accepted, False when a disruption budget refused it."""
+        ...
+
+
+Notify = Callable[[Mapping[str, Any], str, str, str], None]
+"""(pod, type, reason, message) -> posts an Event on the pod; no-op in local mode."""
+
+
+@dataclass(frozen=True)
+class ProcessSample:
+    """One NVML process record, attributed."""
+
+    pid: int
+    used_bytes: int
+    ref: ProcessRef | None
+    container: ContainerRef | None
+    owner: str  # pod UID, "host", or "" when gone
+
+
+@dataclass
+class PodUsage:
+    """One pod (or the host) on one GPU in this tick."""
+
+    gpu: Gpu
+    owner: str
+    pod: Mapping[str, Any] | None
+    used_bytes: int
+    limit: Limit | None
+    processes: list[ProcessSample]
+    verdict: Verdict = Verdict.OK
+    action: Action = Action.NONE
+    reason: str = ""
+
+    @property
+    def label(self) -> str:
+        if self.pod is None:
+            return self.owner
+        meta = self.pod.get("metadata", {})
+        return f"{meta.get('namespace', '')}/{meta.get('name', self.owner)}".lstrip("/")
+
+
+@dataclass
+class GpuReport:
+    gpu: Gpu
+    status: str = "ok"  # ok | mig | error: ... | uncertain: ...
+    usages: list[PodUsage] = field(default_factory=list)
+    unattributed_bytes: int = 0
+    samples: list[ProcessSample] = field(default_factory=list)
+
+    @property
+    def trusted(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
+class TickReport:
+    gpus: list[GpuReport] = field(default_factory=list)
+    error: NvmlError | None = None
+
+    def table(self) -> str:
+        """The local debug table: per GPU, each process with its pod, usage, limit, verdict."""
+        if self.error is not None:
+            return f"NVML unavailable: {self.error}\n"
+        lines = []
+        for report in self.gpus:
+            gpu = report.gpu
+            lines.append(
+                f"GPU {gpu.index} {gpu.uuid} {gpu.name}: {_mib(gpu.used_bytes)} / "
+                f"{_mib(gpu.total_bytes)} used; {report.status}"
+            )
+            lines.append(
+                f"  {'PID':>8}  {'POD/CONTAINER':<48} {'USED':>10} {'LIMIT':>10}  VERDICT / ACTION"
+            )
+            by_owner = {u.owner: u for u in report.usages}
+            for sample in report.samples:
+                usage = by_owner.get(sample.owner)
+                who = usage.label if usage is not None else (sample.owner or "gone")
+                if sample.container is not None and sample.container.container_id:
+                    who = f"{who}/{sample.container.container_id[:12]}"
+                limit = _mib(usage.limit.hard_bytes) if usage and usage.limit else "-"
+                verdict = f"{usage.verdict} / {usage.action}" if usage is not None else "ignored"
+                if usage is not None and usage.reason:
+                    verdict += f" ({usage.reason})"
+                lines.append(
+                    f"  {sample.pid:>8}  {who:<48} {_mib(sample.used_bytes):>10} {limit:>10}  "
+                    f"{verdict}"
+                )
+        return "\n".join(lines) + "\n"
+
+
+def _mib(value: int) -> str:
+    return f"{value / 2**20:.0f}MiB"
+
+
+def _ticks_since_boot(proc_root: str) -> int:
+    """Now, in the clock ticks that /proc/<pid>/stat start times use."""
+    with open(f"{proc_root}/uptime", encoding="ascii") as f:
+        uptime = float(f.read().split()[0])
+    return int(uptime * os.sysconf("SC_CLK_TCK"))
+
+
+class Enforcer:
+    """The tick and the state it keeps between ticks. Every boundary is injected."""
+
+    def __init__(
+        self,
+        config: EnforcerConfig,
+        *,
+        nvml: Nvml,
+        pods: PodDirectory,
+        metrics: EnforcerMetrics,
+        evictor: Evictor | None = None,
+        notify: Notify | None = None,
+        signal_fn: Callable[[ProcessRef, int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self._nvml = nvml
+        self._pods = pods
+        self._metrics = metrics
+        self._evictor = evictor
+        self._notify = notify
+        self._signal = signal_fn or (lambda ref, sig: signal_process(ref, sig, config.proc_root))
+        self._clock = clock
+        self._policy = Policy(config.policy)
+        self._terminating: dict[ProcessRef, tuple[float, str]] = {}
+        self._evicted: dict[str, float] = {}
+        self._soft_warned: set[tuple[str, str]] = set()
+        self.last_report = TickReport()
+
+    # -- the tick ----------------------------------------------------------
+
+    def tick(self) -> TickReport:
+        started = self._clock()
+        self._finish_terminations()
+        try:
+            gpus = self._nvml.snapshot()
+        except NvmlError as err:
+            self._metrics.nvml_errors.labels(err.name).inc()
+            log.error("NVML unavailable, nothing enforced: %s", err)
+            self.last_report = TickReport(error=err)
+            return self.last_report
+        report = TickReport([self._gpu(gpu) for gpu in gpus])
+        self.last_report = report
+        self._metrics.scan_duration.observe(self._clock() - started)
+        return report
+
+    def _gpu(self, gpu: Gpu) -> GpuReport:
+        report = GpuReport(gpu)
+        if gpu.error is not None:
+            self._metrics.nvml_errors.labels(gpu.error.name).inc()
+            report.status = f"error: {gpu.error}"
+            return report
+        if gpu.mig:
+            # MIG partitions are isolated in hardware: nothing to enforce.
+            report.status = "mig"
+            return report
+        problem = self._sanity(gpu)
+        if problem:
+            report.status = f"uncertain: {problem}"
+            log.warning("GPU %d %s: %s; no action on this card", gpu.index, gpu.uuid, problem)
+            return report
+        sample_ticks = _ticks_since_boot(self.config.proc_root)
+        report.samples = [
+            self._attribute(p.pid, p.used_bytes or 0, sample_ticks) for p in gpu.processes
+        ]
+        by_owner: dict[str, list[ProcessSample]] = {}
+        for sample in report.samples:
+            if not sample.owner:
+                continue
+            if sample.owner == HOST and self.config.host_limit is None:
+                report.unattributed_bytes += sample.used_bytes
+                continue
+            by_owner.setdefault(sample.owner, []).append(sample)
+        replicas = self.config.replicas or self._pods.replicas()
+        limits = LimitPolicy(replicas=replicas, soft_fraction=self.config.soft_fraction)
+        for owner, samples in by_owner.items():
+            usage = self._usage(gpu, owner, samples, limits)
+            if usage is None:
+                report.unattributed_bytes += sum(s.used_bytes for s in samples)
+                continue
+            report.usages.append(usage)
+        decisions = self._policy.decide(
+            gpu.total_bytes,
+            gpu.used_bytes,
+            [Usage((gpu.uuid, u.owner), u.used_bytes, u.limit) for u in report.usages],
+            self._clock(),
+        )
+        by_key = {d.key: d for d in decisions}
+        for usage in report.usages:
+            self._act(usage, by_key[(gpu.uuid, usage.owner)])
+        return report
+
+    @staticmethod
+    def _sanity(gpu: Gpu) -> str:
+        """Why this card's records cannot be trusted, or '' when they can."""
+        for proc in gpu.processes:
+            if proc.pid <= 0:
+                return f"process record with PID {proc.pid}"
+            if proc.used_bytes is None:
+                return f"usage not available for PID {proc.pid}"
+            if proc.used_bytes > gpu.total_bytes:
+                return f"PID {proc.pid} uses {proc.used_bytes} bytes, more than the card has"
+        return ""
+
+    def _attribute(self, pid: int, used: int, sample_ticks: int) -> ProcessSample:
+        try:
+            ref = ProcessRef.of(pid, self.config.proc_root)
+            container = read_cgroup(pid, self.config.proc_root)
+        except (ProcessGone, AttributionGone):
+            self._metrics.processes_vanished.inc()
+            return ProcessSample(pid, used, None, None, "")
+        except AttributionError as err:
+            log.warning("PID %d: %s; treated as unknown", pid, err)
+            return ProcessSample(pid, used, None, None, "")
+        if ref.start_time > sample_ticks:
+            # Started after NVML listed the PID: the PID was reused meanwhile.
+            self._metrics.identity_mismatches.inc()
+            return ProcessSample(pid, used, None, None, "")
+        owner = container.pod_uid if container is not None else HOST
+        return ProcessSample(pid, used, ref, container, owner)
+
+    def _usage(
+        self, gpu: Gpu, owner: str, samples: list[ProcessSample], limits: LimitPolicy
+    ) -> PodUsage | None:
+        used = sum(s.used_bytes for s in samples)
+        if owner == HOST:
+            host_limit = self.config.host_limit
+            limit = (
+                None
+                if host_limit is None
+                else Limit(host_limit, int(host_limit * self.config.soft_fraction), "host limit")
+            )
+            return PodUsage(gpu, owner, None, used, limit, samples)
+        pod = self._pods.pod(owner)
+        if pod is None:
+            # A pod this node does not know (yet): never act on it.
+            return None
+        namespace = pod.get("metadata", {}).get("namespace", "")
+        try:
+            limit = limits.resolve(pod, gpu.total_bytes, self._pods.namespace_default(namespace))
+        except LimitError as err:
+            log.warning("pod %s: bad limit (%s); left alone", owner, err)
+            self._notify_pod(pod, "Warning", "GPUMemoryLimitInvalid", str(err))
+            limit = None
+        return PodUsage(gpu, owner, pod, used, limit, samples)
+
+    # -- acting ------------------------------------------------------------
+
+    def _act(self, usage: PodUsage, decision: Decision) -> None:
+        usage.verdict, usage.reason = decision.verdict, decision.reason
+        key = (usage.gpu.uuid, usage.owner)
+        if decision.verdict is Verdict.SOFT:
+            if key not in self._soft_warned and usage.limit is not None:
+                self._soft_warned.add(key)
+                self._notify_pod(
+                    usage.pod,
+                    "Warning",
+                    "GPUMemoryOverSoftLimit",
+                    self._numbers(usage, f"over the soft limit {usage.limit.soft_bytes}"),
+                )
+        elif decision.verdict is Verdict.OK:
+            self._soft_warned.discard(key)
+        if decision.verdict is not Verdict.ENFORCE:
+            return
+        if any(s.ref in self._terminating for s in usage.processes):
+            usage.action = Action.TERMINATING
+            return
+        action = self.config.action
+        if usage.pod is None and action == "evict":
+            action = "kill"  # host processes have no pod to evict
+        if action == "observe":
+            usage.action = Action.OBSERVE
+        elif self.config.dry_run:
+            usage.action = Action.WOULD_KILL if action == "kill" else Action.WOULD_EVICT
+        elif action == "kill":
+            usage.action = self._kill(usage)
+        else:
+            usage.action = self._evict(usage)
+        self._metrics.actions.labels(str(usage.action), _reason_label(decision)).inc()
+        message = self._numbers(usage, f"{decision.reason}; action {usage.action}")
+        log.warning("GPU %s pod %s: %s", usage.gpu.uuid, usage.label, message)
+        self._notify_pod(usage.pod, "Warning", "GPUMemoryLimitEnforced", message)
+
+    def _numbers(self, usage: PodUsage, what: str) -> str:
+        limit = usage.limit
+        return (
+            f"uses {usage.used_bytes} bytes of GPU {usage.gpu.index} ({usage.gpu.uuid}), "
+            f"limit {limit.hard_bytes if limit else '-'} bytes "
+            f"({limit.source if limit else 'none'}); {what}"
+        )
+
+    def _kill(self, usage: PodUsage) -> Action:
+        """SIGTERM now through a pidfd; SIGKILL after the grace, in a later tick."""
+        try:
+            listed = {p.pid for p in self._nvml.processes(usage.gpu.index)}
+        except NvmlError as err:
+            self._metrics.nvml_errors.labels(err.name).inc()
+            log.error("cannot re-check GPU %d before killing: %s", usage.gpu.index, err)
+            return Action.FAILED
+        signalled = 0
+        for sample in usage.processes:
+            if sample.ref is None or sample.pid not in listed:
+                continue  # gone, or no longer on this GPU
+            if sample.container is not None and not sample.container.in_container:
+                continue  # the pod's infrastructure (CRI-O's conmon), never a workload
+            try:
+                self._signal(sample.ref, signal.SIGTERM)
+            except ProcessReplaced as err:
+                # The PID names another process now (PID reuse): never signal it.
+                self._metrics.identity_mismatches.inc()
+                log.warning("PID %d not signalled: %s", sample.pid, err)
+                continue
+            except ProcessGone:
+                self._metrics.processes_vanished.inc()
+                continue
+            except OSError as err:
+                log.error("cannot signal PID %d: %s", sample.pid, err)
+                continue
+            self._metrics.signals.labels("SIGTERM").inc()
+            deadline = self._clock() + self.config.grace
+            self._terminating[sample.ref] = (deadline, usage.label)
+            signalled += 1
+        return Action.KILL if signalled else Action.FAILED
+
+    def _finish_terminations(self) -> None:
+        now = self._clock()
+        for ref, (deadline, label) in list(self._terminating.items()):
+            if not is_running(ref, self.config.proc_root):
+                del self._terminating[ref]
+                continue
+            if now < deadline:
+                continue
+            del self._terminating[ref]
+            try:
+                self._signal(ref, signal.SIGKILL)
+            except ProcessGone:
+                continue
+            except OSError as err:
+                log.error("cannot SIGKILL PID %d: %s", ref.pid, err)
+                continue
+            self._metrics.signals.labels("SIGKILL").inc()
+            log.warning(
+                "PID %d of %s ignored SIGTERM for %.0fs: SIGKILL", ref.pid, label, self.config.grace
+            )
+
+    def _evict(self, usage: PodUsage) -> Action:
+        if self._evictor is None or usage.pod is None:
+            return Action.FAILED
+        meta = usage.pod.get("metadata", {})
+        uid = usage.owner
+        if self._clock() - self._evicted.get(uid, -1e9) < self.config.grace:
+            return Action.TERMINATING
+        try:
+            accepted = self._evictor.evict(meta.get("namespace", ""), meta.get("name", ""))
+        except Exception as err:
+            log.error("eviction of %s failed: %s", usage.label, err)
+            return Action.FAILED
+        if not accepted:
+            return Action.REFUSED  # a PodDisruptionBudget said no; retried next tick
+        self._evicted[uid] = self._clock()
+        return Action.EVICT
+
+    def _notify_pod(
+        self, pod: Mapping[str, Any] | None, type_: str, reason: str, message: str
+    ) -> None:
+        if self._notify is not None and pod is not None:
+            self._notify(pod, type_, reason, message)
+
+    def close(self) -> None:
+        self._nvml.close()
+
+
+def _reason_label(decision: Decision) -> str:
+    if decision.reason.startswith("above"):
+        return "ceiling"
+    if "pressure" in decision.reason:
+        return "pressure"
+    return "hold"

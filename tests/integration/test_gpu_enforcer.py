@@ -1,0 +1,475 @@
+"""The GPU memory enforcer on a fake card: real pynvml over the fake libnvidia-ml,
+"pods" that are real processes in real kubelet-like cgroups, real kills (root).
+
+Each test maps to an acceptance point of issue 3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from agents.common.process import ProcessRef, signal_process
+from agents.gpu_enforcer.cli import main
+from agents.gpu_enforcer.config import EnforcerConfig
+from agents.gpu_enforcer.enforcer import Enforcer
+from agents.gpu_enforcer.limits import ANNOTATION_LIMIT, ANNOTATION_NAMESPACE_DEFAULT
+from agents.gpu_enforcer.metrics import EnforcerMetrics
+from agents.gpu_enforcer.nvml import Nvml
+from agents.gpu_enforcer.pods import LocalPods
+from agents.gpu_enforcer.policy import PolicyConfig
+from hack.autofs_world import wait_for
+from hack.cgroups import CgroupsUnavailable, FakePodCgroups
+from hack.fake_nvml import (
+    NVML_ERROR_DRIVER_NOT_LOADED,
+    NVML_ERROR_GPU_IS_LOST,
+    FakeGpu,
+    FakeNvmlWorld,
+    FakeProcess,
+    build,
+    fake_uuid,
+    find_compiler,
+    load_in_process,
+)
+from tests.conftest import IN_CI, IS_ROOT
+from tests.support.agent import AgentThread
+from tests.support.fake_kube import FakeKube
+
+pytestmark = pytest.mark.root
+
+GIB = 1024**3
+CARD = 16 * GIB  # two replicas: an agreed share of 8 GiB each
+NODE = "gpu-node-1"
+
+
+def _need(condition: bool, reason: str) -> None:
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"CI must run this test: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def nvml_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _need(find_compiler() is not None, "needs a C compiler for the fake libnvidia-ml")
+    return build(tmp_path_factory.mktemp("fake-nvml"))
+
+
+@pytest.fixture
+def card(nvml_library: Path, tmp_path: Path) -> Iterator[FakeNvmlWorld]:
+    """One 16 GiB card, no processes yet; this process's pynvml reads it."""
+    world = FakeNvmlWorld(tmp_path / "nvml.state", [FakeGpu(0, fake_uuid(0), total=CARD)])
+    world.write()
+    with load_in_process(nvml_library, world.path):
+        yield world
+
+
+@dataclass
+class Pod:
+    uid: str
+    name: str
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+@pytest.fixture
+def pods() -> Iterator[Any]:
+    """Start "pods": real processes moved into kubelet-like cgroups (systemd driver, v2)."""
+    _need(IS_ROOT, "needs root: real cgroups and signals to other processes")
+    started: list[Pod] = []
+    try:
+        cgroups = FakePodCgroups()
+    except CgroupsUnavailable as err:
+        _need(False, f"needs cgroups: {err}")
+        raise
+
+    def start(name: str) -> Pod:
+        uid = str(uuid.uuid4())
+        proc = subprocess.Popen(["sleep", "300"])
+        handle = cgroups.create_pod_container(
+            "systemd-v2-containerd", uid, uuid.uuid4().hex + uuid.uuid4().hex
+        )
+        cgroups.move(proc.pid, handle)
+        pod = Pod(uid, name, proc)
+        started.append(pod)
+        return pod
+
+    try:
+        yield start
+    finally:
+        for pod in started:
+            if pod.alive():
+                pod.proc.kill()
+            pod.proc.wait(10)
+        cgroups.close()
+
+
+def kube_pod(
+    pod: Pod, namespace: str = "ml", annotations: dict[str, str] | None = None, gpus: int = 1
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod.name,
+            "namespace": namespace,
+            "uid": pod.uid,
+            "annotations": annotations or {},
+        },
+        "spec": {
+            "nodeName": NODE,
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "jupyter",
+                    "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
+                }
+            ],
+        },
+        "status": {"phase": "Running"},
+    }
+
+
+@contextlib.contextmanager
+def cluster(
+    tmp_path: Path,
+    *pods: dict[str, Any],
+    replicas: int | None = 2,
+    namespace_annotations: dict[str, str] | None = None,
+) -> Iterator[FakeKube]:
+    with FakeKube() as kube:
+        labels = {"nvidia.com/gpu.replicas": str(replicas)} if replicas else {}
+        kube.put({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE, "labels": labels}})
+        kube.put(
+            {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": "ml", "annotations": namespace_annotations or {}},
+            }
+        )
+        for pod in pods:
+            kube.put(pod)
+        kube.kubeconfig(tmp_path / "kubeconfig")
+        yield kube
+
+
+def enforcer_argv(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "--kubeconfig",
+        str(tmp_path / "kubeconfig"),
+        "--node-name",
+        NODE,
+        "--interval",
+        "0.2",
+        "--metrics-address",
+        "off",
+        *extra,
+    ]
+
+
+# -- 1. only the pod over its share for longer than the hold is killed ---------------
+
+
+def test_pod_over_its_share_is_killed_and_its_neighbour_untouched(
+    card: FakeNvmlWorld, pods: Any, tmp_path: Path
+) -> None:
+    greedy, neighbour = pods("greedy"), pods("neighbour")
+    card.write(
+        processes=[FakeProcess(0, greedy.pid, 10 * GIB), FakeProcess(0, neighbour.pid, 4 * GIB)]
+    )
+    with (
+        cluster(tmp_path, kube_pod(greedy), kube_pod(neighbour)) as kube,
+        AgentThread(main, enforcer_argv(tmp_path, "--hold", "1", "--grace", "2")) as agent,
+    ):
+        started = time.monotonic()
+        wait_for(lambda: not greedy.alive(), 10)
+        assert time.monotonic() - started >= 1.0  # not before the hold
+        assert greedy.proc.returncode == -signal.SIGTERM
+        card.remove_process(greedy.pid)
+        time.sleep(0.5)
+        assert neighbour.alive()
+        assert (
+            agent.value("gpu_mem_enforcer_actions_total", {"action": "kill", "reason": "hold"}) == 1
+        )
+        assert agent.value("gpu_mem_enforcer_signals_total", {"signal": "SIGTERM"}) == 1
+        events = [
+            e for e in kube.objects("events", "ml") if e["involvedObject"].get("uid") == greedy.uid
+        ]
+        assert [e["reason"] for e in events] == ["GPUMemoryLimitEnforced"]
+        assert events[0]["type"] == "Warning"
+        assert str(10 * GIB) in events[0]["message"] and str(8 * GIB) in events[0]["message"]
+        assert not [
+            e
+            for e in kube.objects("events", "ml")
+            if e["involvedObject"].get("uid") == neighbour.uid
+        ]
+
+
+def test_a_spike_shorter_than_the_hold_is_left_alone(
+    card: FakeNvmlWorld, pods: Any, tmp_path: Path
+) -> None:
+    spiky = pods("spiky")
+    card.write(processes=[FakeProcess(0, spiky.pid, 10 * GIB)])
+    with (
+        cluster(tmp_path, kube_pod(spiky)),
+        AgentThread(main, enforcer_argv(tmp_path, "--hold", "3")) as agent,
+    ):
+        wait_for(lambda: agent.value("gpu_mem_enforcer_ticks_total") >= 3, 10)
+        card.set_used(spiky.pid, 5 * GIB)
+        ticks = agent.value("gpu_mem_enforcer_ticks_total")
+        wait_for(lambda: agent.value("gpu_mem_enforcer_ticks_total") >= ticks + 15, 10)
+        assert spiky.alive()
+        assert agent.value("gpu_mem_enforcer_signals_total", {"signal": "SIGTERM"}) == 0
+
+
+def test_sigterm_ignored_is_followed_by_sigkill_after_the_grace(
+    card: FakeNvmlWorld, pods: Any, tmp_path: Path
+) -> None:
+    stubborn = pods("stubborn")
+    card.write(processes=[FakeProcess(0, stubborn.pid, 12 * GIB)])
+    # A stopped process keeps SIGTERM pending, as one that ignores it would.
+    os.kill(stubborn.pid, signal.SIGSTOP)
+    with (
+        cluster(tmp_path, kube_pod(stubborn)),
+        AgentThread(main, enforcer_argv(tmp_path, "--hold", "0", "--grace", "1")) as agent,
+    ):
+        wait_for(
+            lambda: agent.value("gpu_mem_enforcer_signals_total", {"signal": "SIGTERM"}) == 1, 10
+        )
+        wait_for(lambda: not stubborn.alive(), 10)
+        assert stubborn.proc.returncode == -signal.SIGKILL
+        assert agent.value("gpu_mem_enforcer_signals_total", {"signal": "SIGKILL"}) == 1
+
+
+# -- 2. PID reuse: a PID that names another process now is never signalled -----------
+
+
+def _spawn_with_pid(pid: int) -> subprocess.Popen[bytes]:
+    """A new process with a given (free) PID, through ns_last_pid (root)."""
+    for _ in range(50):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(pid - 1))
+        proc = subprocess.Popen(["sleep", "300"])
+        if proc.pid == pid:
+            return proc
+        proc.kill()
+        proc.wait()
+    raise RuntimeError(f"could not get PID {pid}")
+
+
+def test_a_reused_pid_is_never_signalled(card: FakeNvmlWorld, pods: Any) -> None:
+    greedy = pods("greedy")
+    pid = greedy.pid
+    card.write(processes=[FakeProcess(0, pid, 12 * GIB)])
+    replacement: list[subprocess.Popen[bytes]] = []
+
+    def reuse_then_signal(ref: ProcessRef, sig: int) -> None:
+        # Between the sample and the signal, the process exits and another
+        # takes its PID: what a busy node does to a PID read earlier.
+        greedy.proc.kill()
+        greedy.proc.wait()
+        replacement.append(_spawn_with_pid(ref.pid))
+        signal_process(ref, sig)
+
+    registry = CollectorRegistry()
+    metrics = EnforcerMetrics(registry)
+    config = EnforcerConfig(replicas=2, policy=PolicyConfig(hold=0))
+    enforcer = Enforcer(
+        config, nvml=Nvml(), pods=LocalPods(None, 2), metrics=metrics, signal_fn=reuse_then_signal
+    )
+    try:
+        report = enforcer.tick()
+        assert report.gpus[0].usages[0].verdict == "enforce"
+        assert replacement and replacement[0].pid == pid
+        time.sleep(0.2)
+        assert replacement[0].poll() is None  # the newcomer lives
+        assert registry.get_sample_value("gpu_mem_enforcer_identity_mismatches_total") == 1
+        assert (
+            registry.get_sample_value("gpu_mem_enforcer_signals_total", {"signal": "SIGTERM"}) == 0
+        )
+    finally:
+        enforcer.close()
+        for proc in replacement:
+            proc.kill()
+            proc.wait()
+
+
+# -- 3. NVML errors: no action, the agent stays up, and recovers ---------------------
+
+
+def test_nvml_errors_mid_run_stop_actions_until_it_recovers(card: FakeNvmlWorld, pods: Any) -> None:
+    greedy = pods("greedy")
+    card.write(processes=[FakeProcess(0, greedy.pid, 12 * GIB)])
+    card.inject("nvmlDeviceGetComputeRunningProcesses_v3", NVML_ERROR_GPU_IS_LOST, device=0)
+    argv = [
+        "--local",
+        "--replicas",
+        "2",
+        "--hold",
+        "0.5",
+        "--interval",
+        "0.2",
+        "--metrics-address",
+        "off",
+    ]
+    with AgentThread(main, argv) as agent:
+        wait_for(
+            lambda: agent.value("gpu_mem_enforcer_nvml_errors_total", {"code": "GPU_IS_LOST"}) >= 5,
+            10,
+        )
+        assert greedy.alive()
+        assert (
+            agent.value(
+                "gpu_mem_enforcer_gpu_trusted",
+                {"gpu": fake_uuid(0), "index": "0", "status": "error"},
+            )
+            == 0
+        )
+        # The driver goes away entirely: not up, still running.
+        card.clear_errors()
+        card.inject("nvmlInit*", NVML_ERROR_DRIVER_NOT_LOADED)
+        card.inject("nvmlDeviceGetCount*", NVML_ERROR_DRIVER_NOT_LOADED)
+        wait_for(lambda: agent.value("gpu_mem_enforcer_up") == 0, 10)
+        # Usage not available: still no action.
+        card.clear_errors()
+        card.set_used(greedy.pid, None)
+        wait_for(lambda: agent.value("gpu_mem_enforcer_up") == 1, 10)
+        wait_for(
+            lambda: (
+                agent.value(
+                    "gpu_mem_enforcer_gpu_trusted",
+                    {"gpu": fake_uuid(0), "index": "0", "status": "uncertain"},
+                )
+                == 0
+            ),
+            10,
+        )
+        time.sleep(1.0)
+        assert greedy.alive()
+        # Recovered: the hold runs and the pod is stopped.
+        card.set_used(greedy.pid, 12 * GIB)
+        wait_for(lambda: not greedy.alive(), 10)
+        assert agent.value("gpu_mem_enforcer_tick_failures_total") == 0
+
+
+def test_no_gpu_library_is_reported_and_the_agent_stays_up(card: FakeNvmlWorld) -> None:
+    card.remove()  # the fake answers like a node whose driver is not loaded
+    out = io.StringIO()
+    code = main(["--local", "--once", "--metrics-address", "off"], stdout=out)
+    assert code == 0
+    assert "NVML unavailable" in out.getvalue() and "DRIVER_NOT_LOADED" in out.getvalue()
+
+
+# -- 4. pressure-aware: borrow while there is room, reclaim under pressure ------------
+
+
+def test_pressure_aware_borrows_then_reclaims_the_furthest_over(
+    card: FakeNvmlWorld, pods: Any
+) -> None:
+    borrower, modest, grower = pods("borrower"), pods("modest"), pods("grower")
+    card.write(
+        processes=[
+            FakeProcess(0, borrower.pid, 10 * GIB),
+            FakeProcess(0, modest.pid, 2 * GIB),
+            FakeProcess(0, grower.pid, 1 * GIB),
+        ]
+    )
+    argv = [
+        "--local",
+        "--replicas",
+        "2",
+        "--hold",
+        "0.4",
+        "--interval",
+        "0.2",
+        "--pressure-aware",
+        "--free-threshold",
+        "0.1",
+        "--grace",
+        "1",
+        "--metrics-address",
+        "off",
+    ]
+    with AgentThread(main, argv) as agent:
+        # 13 of 16 GiB used: 3 GiB free > 1.6 GiB threshold: borrowing is fine.
+        wait_for(lambda: agent.value("gpu_mem_enforcer_ticks_total") >= 8, 10)
+        assert borrower.alive()
+        # The grower (within its share) takes 2 GiB more: 1 GiB free, pressure.
+        card.set_used(grower.pid, 3 * GIB)
+        wait_for(lambda: not borrower.alive(), 10)
+        card.remove_process(borrower.pid)
+        time.sleep(0.6)
+        assert modest.alive() and grower.alive()
+        assert (
+            agent.value("gpu_mem_enforcer_actions_total", {"action": "kill", "reason": "pressure"})
+            == 1
+        )
+
+
+# -- 6. limits from annotations and the agreed share, through the Kubernetes API -----
+
+
+def test_limits_come_from_annotations_namespace_default_and_share(
+    card: FakeNvmlWorld, pods: Any, tmp_path: Path
+) -> None:
+    annotated, defaulted, shared, hami = (
+        pods("annotated"),
+        pods("defaulted"),
+        pods("shared"),
+        pods("hami"),
+    )
+    card.write(
+        processes=[FakeProcess(0, p.pid, 1 * GIB) for p in (annotated, defaulted, shared, hami)]
+    )
+    hami_pod = kube_pod(hami)
+    hami_pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpumem"] = "3000"
+    objects = [
+        kube_pod(annotated, annotations={ANNOTATION_LIMIT: "12Gi"}),
+        kube_pod(defaulted, namespace="team"),
+        kube_pod(shared, gpus=1),
+        hami_pod,
+    ]
+    with cluster(tmp_path, *objects, replicas=4) as kube:
+        kube.put(
+            {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": "team", "annotations": {ANNOTATION_NAMESPACE_DEFAULT: "2Gi"}},
+            }
+        )
+        registry = CollectorRegistry()
+        out = io.StringIO()
+        code = main(enforcer_argv(tmp_path, "--once"), stdout=out, registry=registry)
+    assert code == 0
+    table = out.getvalue()
+
+    def limit(pod: Pod, namespace: str = "ml") -> float | None:
+        return registry.get_sample_value(
+            "gpu_mem_enforcer_pod_limit_bytes",
+            {"gpu": fake_uuid(0), "namespace": namespace, "pod": pod.name},
+        )
+
+    assert limit(annotated) == 12 * GIB
+    assert limit(defaulted, "team") == 2 * GIB
+    assert limit(shared) == CARD // 4  # node label nvidia.com/gpu.replicas=4
+    assert limit(hami) == 3000 * 1024**2
+    assert f"ml/{annotated.name}" in table and "team/defaulted" in table

@@ -1,0 +1,326 @@
+"""Static checks: manifests/gpu-enforcer agrees with the code of `gpu-mem-enforcer`.
+
+Like test_manifests.py for the mount healer: an env var the CLI does not read,
+a command that is no console script, a probe on the wrong port or a wider RBAC
+rule deploys fine and fails (or over-grants) on the node; these tests catch it
+in CI instead.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path, PurePosixPath
+
+import pytest
+import yaml
+
+from agents.gpu_enforcer.cli import build_parser, config_from_args
+from agents.gpu_enforcer.limits import replicas_from_device_plugin_config
+from tests.unit.test_manifests import (
+    EVENT_GROUPS,
+    EVENT_VERBS,
+    NAMESPACE,
+    REPO,
+    Doc,
+    console_scripts,
+    load_docs,
+    plain_env,
+)
+
+BASE = REPO / "manifests" / "gpu-enforcer"
+SAMPLE = "time-slicing-config.yaml"
+ENV_PREFIX = "GPU_MEM_ENFORCER_"
+CONTAINER = "gpu-mem-enforcer"
+DEFAULT_METRICS_PORT = 9102
+DEVICE_PLUGIN_ENV = f"{ENV_PREFIX}DEVICE_PLUGIN_CONFIG"
+
+# (apiGroup, resource) -> verbs: everything the enforcer may do, and no more.
+ALLOWED_RULES = {
+    ("", "pods"): {"get", "list", "watch"},
+    ("", "namespaces"): {"get"},
+    ("", "nodes"): {"get"},
+    ("", "pods/eviction"): {"create"},
+    **{(group, "events"): EVENT_VERBS for group in EVENT_GROUPS},
+}
+
+
+def kustomization() -> Doc:
+    (doc,) = load_docs(BASE / "kustomization.yaml")
+    return doc
+
+
+def base_objects() -> list[Doc]:
+    """The objects the kustomization lists, in order, as written (not rendered)."""
+    return [doc for name in kustomization()["resources"] for doc in load_docs(BASE / name)]
+
+
+def only(kind: str, docs: list[Doc] | None = None) -> Doc:
+    matches = [d for d in (base_objects() if docs is None else docs) if d["kind"] == kind]
+    assert len(matches) == 1, f"expected one {kind}, found {len(matches)}"
+    return matches[0]
+
+
+def pod_spec() -> Doc:
+    spec: Doc = only("DaemonSet")["spec"]["template"]["spec"]
+    return spec
+
+
+def container() -> Doc:
+    found: list[Doc] = [c for c in pod_spec()["containers"] if c["name"] == CONTAINER]
+    assert len(found) == 1, f"expected one container {CONTAINER}"
+    return found[0]
+
+
+def agent_env() -> dict[str, str]:
+    return {k: v for k, v in plain_env(container()).items() if k.startswith(ENV_PREFIX)}
+
+
+def sample_config_map() -> Doc:
+    return only("ConfigMap", load_docs(BASE / SAMPLE))
+
+
+def device_plugin_volume() -> tuple[Doc, Doc]:
+    """(volumeMount, volume) of the directory that holds the device-plugin config."""
+    directory = str(PurePosixPath(agent_env()[DEVICE_PLUGIN_ENV]).parent)
+    (mount,) = [m for m in container()["volumeMounts"] if m["mountPath"] == directory]
+    (volume,) = [v for v in pod_spec()["volumes"] if v["name"] == mount["name"]]
+    return mount, volume
+
+
+def env_with_sample_config(tmp_path: Path) -> dict[str, str]:
+    """The manifest's agent env, the device-plugin file replaced by the sample's key."""
+    env = agent_env()
+    key = PurePosixPath(env[DEVICE_PLUGIN_ENV]).name
+    path = tmp_path / key
+    path.write_text(sample_config_map()["data"][key], encoding="utf-8")
+    return {**env, DEVICE_PLUGIN_ENV: str(path)}
+
+
+# --- (a) the YAML as written ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted(BASE.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_yaml_document_is_a_kubernetes_object(path: Path) -> None:
+    docs = load_docs(path)
+    assert docs, f"{path.name} has no YAML documents"
+    for doc in docs:
+        assert isinstance(doc, dict), f"{path.name}: a document is not a mapping"
+        assert doc.get("apiVersion") and doc.get("kind"), f"{path.name}: no apiVersion/kind"
+
+
+def test_kustomization_lists_existing_files_and_all_of_them() -> None:
+    kust = kustomization()
+    listed = kust["resources"]
+    for name in listed:
+        assert (BASE / name).is_file(), f"kustomization lists missing file {name}"
+    on_disk = {p.name for p in BASE.glob("*.yaml")} - {"kustomization.yaml", SAMPLE}
+    assert on_disk == set(listed), "every manifest except the sample ConfigMap is a resource"
+    assert SAMPLE not in listed, "the device plugin's ConfigMap belongs to the GPU operator"
+    assert kust["namespace"] == NAMESPACE
+    (labels,) = kust["labels"]
+    assert labels["pairs"] == {
+        "app.kubernetes.io/name": CONTAINER,
+        "app.kubernetes.io/part-of": NAMESPACE,
+    }
+
+
+def test_command_is_a_console_script() -> None:
+    assert CONTAINER in console_scripts()
+    command = container()["command"]
+    assert command == [CONTAINER], "the agent is PID 1 of its container, no wrapper"
+
+
+def test_env_vars_are_flags_of_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Wide help so that no env var name is wrapped across lines.
+    monkeypatch.setenv("COLUMNS", "1000")
+    env = agent_env()
+    assert {f"{ENV_PREFIX}ACTION", DEVICE_PLUGIN_ENV, f"{ENV_PREFIX}LOG_FORMAT"} <= set(env)
+    for name, value in env.items():
+        parser = build_parser(environ={name: value})
+        try:
+            parser.parse_args([])
+        except SystemExit:
+            pytest.fail(f"the CLI rejects {name}={value!r}")
+        assert name in parser.format_help(), f"{name} is not an env var of any flag"
+    # All together, through the same validation as `main`; the device-plugin
+    # file is the sample's, so its time-slicing replicas are read as well.
+    config, local = config_from_args([], env_with_sample_config(tmp_path))
+    assert not local
+    assert config.action == "kill"
+    assert config.log_format == "json"
+    assert config.replicas == 4
+
+
+def test_node_name_comes_from_the_downward_api() -> None:
+    env = {e["name"]: e for e in container()["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+
+
+def test_nvidia_runtime_injects_nvml_for_all_gpus() -> None:
+    spec = pod_spec()
+    assert spec["runtimeClassName"] == "nvidia"
+    env = plain_env(container())
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert env["NVIDIA_DRIVER_CAPABILITIES"] == "utility"
+    # The enforcer must not take a time slice of the cards it watches.
+    resources = container()["resources"]
+    for section in ("requests", "limits"):
+        gpu = [r for r in resources.get(section, {}) if r.startswith("nvidia.com/")]
+        assert not gpu, f"{section} asks for {gpu}"
+
+
+def test_runs_on_gpu_nodes_only() -> None:
+    spec = pod_spec()
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec[
+        "tolerations"
+    ]
+
+
+def test_device_plugin_config_is_the_optional_config_map(tmp_path: Path) -> None:
+    mount, volume = device_plugin_volume()
+    assert mount.get("readOnly") is True
+    sample = sample_config_map()
+    assert volume["configMap"] == {"name": sample["metadata"]["name"], "optional": True}
+    # Pods mount ConfigMaps of their own namespace only.
+    assert sample["metadata"]["namespace"] == NAMESPACE
+    # The file the env var names is a key of the sample, and a device-plugin config.
+    key = PurePosixPath(agent_env()[DEVICE_PLUGIN_ENV]).name
+    assert key in sample["data"], f"{key} is not a profile of {SAMPLE}"
+    assert replicas_from_device_plugin_config(sample["data"][key]) == 4
+
+
+def test_missing_device_plugin_config_falls_back_to_the_node_label(tmp_path: Path) -> None:
+    # What the kubelet mounts for an absent optional ConfigMap: an empty directory.
+    env = {**agent_env(), DEVICE_PLUGIN_ENV: str(tmp_path / "any")}
+    config, _local = config_from_args([], env)  # `main` exits 2 on ConfigError
+    assert config.replicas is None  # left to the node label
+
+
+def test_security_context_is_least_privilege() -> None:
+    spec = pod_spec()
+    # NVML reports host PIDs; /proc/<pid>/cgroup and pidfds must see the same ones.
+    assert spec["hostPID"] is True
+    assert not spec.get("hostNetwork", False)
+    assert not spec.get("hostIPC", False)
+    context = container()["securityContext"]
+    assert context.get("privileged", False) is False
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["readOnlyRootFilesystem"] is True
+    # Capabilities in Kubernetes' `add` are effective for uid 0 only.
+    assert context["runAsUser"] == 0
+    assert context["capabilities"]["drop"] == ["ALL"]
+    added = set(context["capabilities"]["add"])
+    assert "KILL" in added, "signalling other users' processes needs CAP_KILL"
+    assert added <= {"KILL", "SYS_PTRACE"}, f"more capabilities than needed: {added}"
+    assert not any("hostPath" in v for v in spec.get("volumes", []))
+
+
+def test_scheduling_and_resources() -> None:
+    spec = pod_spec()
+    assert spec["priorityClassName"] == "system-node-critical"
+    # A kill in progress (SIGTERM, --grace, SIGKILL) fits in the termination grace.
+    grace = build_parser(environ=plain_env(container())).parse_args([]).grace
+    assert spec["terminationGracePeriodSeconds"] > grace
+    resources = container()["resources"]
+    assert resources["requests"] == {"cpu": "20m", "memory": "64Mi"}
+    assert resources["limits"] == {"memory": "160Mi"}, "no CPU limit (throttling delays actions)"
+
+
+def test_probes_use_the_health_endpoints_on_the_metrics_port() -> None:
+    c = container()
+    (metrics,) = [p for p in c["ports"] if p["name"] == "metrics"]
+    for probe, path in (
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", "/readyz"),
+        ("startupProbe", "/healthz"),
+    ):
+        get = c[probe]["httpGet"]
+        assert get["path"] == path, probe
+        assert get["port"] in ("metrics", metrics["containerPort"]), probe
+
+
+def test_metrics_port_is_the_port_the_agent_listens_on() -> None:
+    env = plain_env(container())
+    expected = build_parser(environ=env).parse_args([]).metrics_address.port
+    if f"{ENV_PREFIX}METRICS_ADDRESS" not in env:
+        assert expected == DEFAULT_METRICS_PORT
+    (metrics,) = [p for p in container()["ports"] if p["name"] == "metrics"]
+    assert metrics["containerPort"] == expected
+    assert "hostPort" not in metrics
+
+
+def test_rbac_is_exactly_what_the_enforcer_uses() -> None:
+    docs = load_docs(BASE / "rbac.yaml")
+    assert {d["kind"] for d in docs} == {"ClusterRole", "ClusterRoleBinding"}
+    role = only("ClusterRole", docs)
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        assert set(rule) == {"apiGroups", "resources", "verbs"}, rule  # no nonResourceURLs
+        for key in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule[key], f"wildcard in {key}: {rule}"
+            assert not any("*" in item for item in rule[key]), f"wildcard in {key}: {rule}"
+        assert "pods/exec" not in rule["resources"]
+        assert "secrets" not in rule["resources"]
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                granted.setdefault((group, resource), set()).update(rule["verbs"])
+    assert granted == ALLOWED_RULES
+
+    binding = only("ClusterRoleBinding", docs)
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": role["metadata"]["name"],
+    }
+    account = only("ServiceAccount")["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}
+    ]
+    assert pod_spec()["serviceAccountName"] == account
+
+
+def test_podmonitor_scrapes_the_metrics_port() -> None:
+    monitor = only("PodMonitor")
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint == {"port": "metrics", "path": "/metrics", "interval": "15s"}
+
+
+# --- (b) the rendered kustomization --------------------------------------------------
+
+
+@pytest.mark.skipif(
+    shutil.which("kubectl") is None,
+    reason="kubectl not on PATH: cannot render the kustomization (`kubectl kustomize`)",
+)
+def test_kustomize_renders_the_base() -> None:
+    result = subprocess.run(
+        ["kubectl", "kustomize", str(BASE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d is not None]
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(
+        ["DaemonSet", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "PodMonitor"]
+    )
+    for doc in docs:
+        if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+            assert doc["metadata"]["namespace"] == NAMESPACE, doc["kind"]
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == NAMESPACE
+        assert doc["metadata"]["labels"]["app.kubernetes.io/name"] == CONTAINER
+
+    daemonset = only("DaemonSet", docs)
+    pod_labels = daemonset["spec"]["template"]["metadata"]["labels"]
+    selector = daemonset["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= pod_labels.items()
+    # Kustomize does not rewrite PodMonitor selectors: they must still match the pods.
+    monitor_selector = only("PodMonitor", docs)["spec"]["selector"]["matchLabels"]
+    assert monitor_selector.items() <= pod_labels.items()
+    # The binding's subject follows the rendered namespace.
+    (subject,) = only("ClusterRoleBinding", docs)["subjects"]
+    assert subject["namespace"] == NAMESPACE
