@@ -11,7 +11,7 @@ import argparse
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, NoReturn
 
 EXIT_BAD_CONFIG = 2
@@ -38,6 +38,8 @@ def redacted(config: Any) -> dict[str, Any]:
             value = "<redacted>"
         elif isinstance(value, tuple):
             value = list(value)
+        elif is_dataclass(value) and not isinstance(value, type):
+            value = redacted(value)
         out[f.name] = value
     return out
 

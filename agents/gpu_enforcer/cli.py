@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import sys
 import threading
 from collections.abc import Mapping, Sequence
@@ -257,6 +258,7 @@ def main(
     setup_logging(config.log_level, config.log_format)
     log.info("%s %s starting with %s", PROG, __version__, json.dumps(redacted(config), default=str))
 
+    _raise_open_file_limit()
     registry = registry or CollectorRegistry()
     loop_metrics = LoopMetrics(registry, PREFIX, __version__)
     metrics = EnforcerMetrics(registry)
@@ -336,6 +338,16 @@ def _run(
         restore()
         log.info("%s stopped", PROG)
     return 0
+
+
+def _raise_open_file_limit() -> None:
+    """The enforcer holds a pidfd per GPU process: lift the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as err:
+            log.warning("open file limit stays at %d: %s", soft, err)
 
 
 def _kube(config: EnforcerConfig, local: bool) -> tuple[Any, Any] | None:

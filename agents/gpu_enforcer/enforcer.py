@@ -21,6 +21,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from agents.common.process import (
+    LiveProcesses,
     ProcessGone,
     ProcessRef,
     ProcessReplaced,
@@ -192,6 +193,8 @@ class Enforcer:
         self._terminating: dict[ProcessRef, tuple[float, str]] = {}
         self._evicted: dict[str, float] = {}
         self._soft_warned: set[tuple[str, str]] = set()
+        # Each GPU process's identity and pod, held by a pidfd while it lives.
+        self._processes: LiveProcesses[ContainerRef | None] = LiveProcesses(config.proc_root)
         self.last_report = TickReport()
 
     # -- the tick ----------------------------------------------------------
@@ -206,7 +209,9 @@ class Enforcer:
             log.error("NVML unavailable, nothing enforced: %s", err)
             self.last_report = TickReport(error=err)
             return self.last_report
+        self._processes.prune()
         report = TickReport([self._gpu(gpu) for gpu in gpus])
+        self._processes.retain(s.pid for g in report.gpus for s in g.samples)
         self.last_report = report
         self._metrics.scan_duration.observe(self._clock() - started)
         return report
@@ -270,15 +275,20 @@ class Enforcer:
         return ""
 
     def _attribute(self, pid: int, used: int, sample_ticks: int) -> ProcessSample:
+        proc_root = self.config.proc_root
+        known = self._processes.get(pid)
         try:
-            ref = ProcessRef.of(pid, self.config.proc_root)
-            container = read_cgroup(pid, self.config.proc_root)
+            if known is None:
+                # The runtime places a process in its container's cgroup when
+                # it creates it and never moves it: read once per lifetime.
+                known = self._processes.add(pid, lambda _ref: read_cgroup(pid, proc_root))
         except (ProcessGone, AttributionGone):
             self._metrics.processes_vanished.inc()
             return ProcessSample(pid, used, None, None, "")
-        except AttributionError as err:
+        except (AttributionError, OSError) as err:
             log.warning("PID %d: %s; treated as unknown", pid, err)
             return ProcessSample(pid, used, None, None, "")
+        ref, container = known
         if ref.start_time > sample_ticks:
             # Started after NVML listed the PID: the PID was reused meanwhile.
             self._metrics.identity_mismatches.inc()
@@ -435,6 +445,7 @@ class Enforcer:
 
     def close(self) -> None:
         self._nvml.close()
+        self._processes.close()
 
 
 def _reason_label(decision: Decision) -> str:

@@ -4,8 +4,8 @@
  * The real nvidia-ml-py (pynvml) loads it as it loads NVIDIA's library and
  * calls the same symbols with the same calling conventions. The world it
  * reports comes from a state file (path in FAKE_NVML_STATE) that is re-read
- * and re-parsed on every call, so a test can change the world while an agent
- * runs. Writers must replace the file atomically (temp file + rename): a
+ * on every call, and parsed again when its content changed, so a test can
+ * change the world while an agent runs. Writers must replace the file atomically (temp file + rename): a
  * reader then sees either the old or the new file, never half of one.
  *
  * State file: one record per line, fields separated by spaces or tabs, `#`
@@ -47,7 +47,7 @@
  * included.
  *
  * Test controls, not NVML: fakeNvmlReset() forgets init references, "times"
- * counters and reported lines; fakeNvmlSetStatePath(path) overrides the
+ * counters, reported lines and the parsed state; fakeNvmlSetStatePath(path) overrides the
  * environment variable (NULL: back to it).
  */
 #define _GNU_SOURCE
@@ -520,6 +520,50 @@ static const char *state_path(void)
     return getenv("FAKE_NVML_STATE");
 }
 
+/* The file as last parsed: an unchanged file is not parsed again. Reading it
+ * is a single read(2); parsing hundreds of lines on every call would make the
+ * fake, not the code under test, dominate a benchmark. */
+static char *last_text;
+static size_t last_len;
+static char last_path[4096];
+
+/* The whole file in a malloc'ed buffer (NUL-terminated); NULL when unreadable. */
+static char *slurp(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "re");
+    size_t cap = 1 << 16, n = 0;
+    char *buf;
+
+    if (!f)
+        return NULL;
+    buf = malloc(cap + 1);
+    while (buf) {
+        size_t got = fread(buf + n, 1, cap - n, f);
+        n += got;
+        if (n < cap) {
+            if (ferror(f)) {
+                free(buf);
+                buf = NULL;
+            }
+            break;
+        }
+        char *bigger = realloc(buf, 2 * cap + 1);
+        if (!bigger) {
+            free(buf);
+            buf = NULL;
+            break;
+        }
+        buf = bigger;
+        cap *= 2;
+    }
+    fclose(f);
+    if (buf) {
+        buf[n] = '\0';
+        *len = n;
+    }
+    return buf;
+}
+
 /* Re-read the whole world; 0 on success, -1 when the file cannot be read. */
 static int load_state(void)
 {
@@ -527,11 +571,25 @@ static int load_state(void)
     unsigned int lineno = 0;
     const char *path = state_path();
     FILE *f;
+    char *text;
+    size_t len = 0;
     int failed;
 
     if (!path || !*path)
         return -1;
-    f = fopen(path, "re");
+    text = slurp(path, &len);
+    if (!text)
+        return -1;
+    if (last_text && len == last_len && strcmp(path, last_path) == 0 &&
+        memcmp(text, last_text, len) == 0) {
+        free(text);
+        return 0;
+    }
+    free(last_text);
+    last_text = text;
+    last_len = len;
+    snprintf(last_path, sizeof last_path, "%s", path);
+    f = fmemopen(text, len ? len : 1, "r");
     if (!f)
         return -1;
     strcpy(state.driver, "550.54.15");
@@ -1012,6 +1070,10 @@ void fakeNvmlReset(void)
     init_count = 0;
     n_counters = 0;
     n_warned = 0;
+    /* Parsed errors point at counters: parse again after forgetting them. */
+    free(last_text);
+    last_text = NULL;
+    last_len = 0;
     pthread_mutex_unlock(&lock);
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from agents.common.process import ProcessRef, signal_process
 from agents.gpu_enforcer.cli import main
@@ -473,3 +474,146 @@ def test_limits_come_from_annotations_namespace_default_and_share(
     assert limit(shared) == CARD // 4  # node label nvidia.com/gpu.replicas=4
     assert limit(hami) == 3000 * 1024**2
     assert f"ml/{annotated.name}" in table and "team/defaulted" in table
+
+
+# -- the other actions and policies -------------------------------------------------
+
+
+def test_evict_goes_through_the_eviction_api_and_retries_a_refusal(
+    card: FakeNvmlWorld, pods: Any, tmp_path: Path
+) -> None:
+    greedy = pods("greedy")
+    card.write(processes=[FakeProcess(0, greedy.pid, 12 * GIB)])
+    with cluster(tmp_path, kube_pod(greedy)) as kube:
+        kube.refuse_evictions(times=1)
+        with AgentThread(
+            main, enforcer_argv(tmp_path, "--action", "evict", "--hold", "0")
+        ) as agent:
+            # The counter follows the API call by a few instructions.
+            wait_for(
+                lambda: (
+                    agent.value(
+                        "gpu_mem_enforcer_actions_total", {"action": "evict", "reason": "hold"}
+                    )
+                    == 1
+                ),
+                10,
+            )
+            assert (
+                agent.value(
+                    "gpu_mem_enforcer_actions_total", {"action": "refused", "reason": "hold"}
+                )
+                == 1
+            )
+            assert [(e.namespace, e.name) for e in kube.evictions] == [("ml", "greedy")]
+        assert greedy.alive()  # evicting is the kubelet's job, not a signal from us
+        assert agent.value("gpu_mem_enforcer_signals_total", {"signal": "SIGTERM"}) == 0
+
+
+def test_observe_and_dry_run_touch_nothing(card: FakeNvmlWorld, pods: Any) -> None:
+    greedy = pods("greedy")
+    card.write(processes=[FakeProcess(0, greedy.pid, 12 * GIB)])
+    out = io.StringIO()
+    assert (
+        main(["--local", "--replicas", "2", "--hold", "0", "--once", "--dry-run"], stdout=out) == 0
+    )
+    assert "enforce / would-kill" in out.getvalue()
+    assert greedy.uid in out.getvalue() and "8192MiB" in out.getvalue()
+    argv = [
+        "--local",
+        "--replicas",
+        "2",
+        "--hold",
+        "0",
+        "--action",
+        "observe",
+        "--interval",
+        "0.2",
+        "--metrics-address",
+        "off",
+    ]
+    with AgentThread(main, argv) as agent:
+        wait_for(
+            lambda: (
+                agent.value(
+                    "gpu_mem_enforcer_actions_total", {"action": "observe", "reason": "hold"}
+                )
+                >= 2
+            ),
+            10,
+        )
+    assert greedy.alive()
+
+
+def test_host_processes_are_ignored_unless_a_host_limit_is_set(card: FakeNvmlWorld) -> None:
+    host = subprocess.Popen(["sleep", "300"])  # in no pod's cgroup
+    try:
+        card.write(processes=[FakeProcess(0, host.pid, 6 * GIB)])
+        registry = CollectorRegistry()
+        assert (
+            main(["--local", "--replicas", "2", "--once"], stdout=io.StringIO(), registry=registry)
+            == 0
+        )
+        assert (
+            registry.get_sample_value(
+                "gpu_mem_enforcer_unattributed_bytes", {"gpu": fake_uuid(0), "index": "0"}
+            )
+            == 6 * GIB
+        )
+        argv = [
+            "--local",
+            "--host-limit",
+            "4Gi",
+            "--hold",
+            "0",
+            "--interval",
+            "0.2",
+            "--metrics-address",
+            "off",
+        ]
+        with AgentThread(main, argv):
+            wait_for(lambda: host.poll() is not None, 10)
+        assert host.returncode == -signal.SIGTERM
+    finally:
+        if host.poll() is None:
+            host.kill()
+        host.wait()
+
+
+def test_mig_cards_are_reported_and_never_enforced(card: FakeNvmlWorld, pods: Any) -> None:
+    greedy = pods("greedy")
+    card.write(
+        gpus=[FakeGpu(0, fake_uuid(0), total=CARD, mig=True)],
+        processes=[FakeProcess(0, greedy.pid, 12 * GIB)],
+    )
+    out = io.StringIO()
+    registry = CollectorRegistry()
+    assert (
+        main(["--local", "--replicas", "2", "--hold", "0", "--once"], stdout=out, registry=registry)
+        == 0
+    )
+    assert "; mig" in out.getvalue()
+    assert (
+        registry.get_sample_value(
+            "gpu_mem_enforcer_gpu_trusted", {"gpu": fake_uuid(0), "index": "0", "status": "mig"}
+        )
+        == 0
+    )
+    assert greedy.alive()
+
+
+def test_metrics_pass_promtool(card: FakeNvmlWorld, pods: Any) -> None:
+    promtool = shutil.which("promtool")
+    _need(promtool is not None, "needs promtool (apt-get install prometheus)")
+    greedy = pods("greedy")
+    card.write(processes=[FakeProcess(0, greedy.pid, 5 * GIB)])
+    registry = CollectorRegistry()
+    assert (
+        main(["--local", "--replicas", "2", "--once"], stdout=io.StringIO(), registry=registry) == 0
+    )
+    body = generate_latest(registry)
+    assert b"gpu_mem_enforcer_pod_used_bytes{" in body
+    checked = subprocess.run(
+        [str(promtool), "check", "metrics"], input=body, capture_output=True, check=False
+    )
+    assert checked.returncode == 0 and not checked.stdout.strip(), checked.stdout

@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from agents.common.process import (
+    LiveProcesses,
     ProcessError,
     ProcessGone,
     ProcessRef,
@@ -375,3 +376,43 @@ def test_non_child_ignoring_sigterm_is_killed(spawn: Spawn) -> None:
     assert terminate(ProcessRef.of(grandchild), grace=0.3) == "killed"
     assert shell.stdout.readline() == f"status {128 + signal.SIGKILL}\n"
     assert shell.wait(timeout=5) == 0
+
+
+def test_live_processes_forget_a_process_when_it_exits() -> None:
+    table: LiveProcesses[str] = LiveProcesses()
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        ref, fact = table.add(child.pid, lambda r: f"learned {r.pid}")
+        assert (ref, fact) == (ProcessRef.of(child.pid), f"learned {child.pid}")
+        table.prune()
+        assert table.get(child.pid) == (ref, fact)
+        child.kill()
+        child.wait()
+        # The pidfd polls readable at exit: the facts go before the PID is reused.
+        table.prune()
+        assert table.get(child.pid) is None and len(table) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        table.close()
+
+
+def test_live_processes_retain_and_missing_pid() -> None:
+    table: LiveProcesses[int] = LiveProcesses()
+    children = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+    try:
+        for child in children:
+            table.add(child.pid, lambda r: r.start_time)
+        table.retain([children[0].pid])
+        assert table.get(children[0].pid) is not None
+        assert table.get(children[1].pid) is None
+        with pytest.raises(ProcessGone):
+            table.add(2**22 + 12345, lambda r: 0)  # above pid_max: never a process
+        assert len(table) == 1
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+        table.close()
+    assert len(table) == 0
