@@ -81,6 +81,7 @@ class Nvml:
         # Tests pass their own pynvml-like module; production imports pynvml.
         self._lib = library
         self._initialised = False
+        self._stale = False
         self._lock = threading.Lock()
 
     def _nvml(self) -> Any:
@@ -101,7 +102,9 @@ class Nvml:
         except nvml.NVMLError as err:
             code = int(getattr(err, "value", NVML_ERROR_UNKNOWN))
             if code in _REINIT_CODES:
-                self._reset()
+                # Initialise again at the next snapshot, not now: the other
+                # GPUs of this snapshot may still answer.
+                self._stale = True
             raise NvmlError(code, _error_name(nvml, err, code), name) from err
 
     def _reset(self) -> None:
@@ -115,6 +118,9 @@ class Nvml:
     def snapshot(self) -> list[Gpu]:
         """Every GPU with its memory and compute processes; NvmlError if NVML is unusable."""
         with self._lock:
+            if self._stale:
+                self._stale = False
+                self._reset()
             if not self._initialised:
                 self._call("nvmlInit")
                 self._initialised = True
@@ -203,7 +209,7 @@ class Nvml:
                     for r in records[: count.value]
                 )
         if ret in _REINIT_CODES:
-            self._reset()
+            self._stale = True
         raise NvmlError(int(ret), _error_name(nvml, RuntimeError(ret), int(ret)), name)
 
     def processes(self, index: int) -> tuple[GpuProcess, ...]:
