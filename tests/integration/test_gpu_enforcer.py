@@ -617,3 +617,17 @@ def test_metrics_pass_promtool(card: FakeNvmlWorld, pods: Any) -> None:
         [str(promtool), "check", "metrics"], input=body, capture_output=True, check=False
     )
     assert checked.returncode == 0 and not checked.stdout.strip(), checked.stdout
+
+
+def test_a_lost_gpu_does_not_blind_the_others(card: FakeNvmlWorld) -> None:
+    card.write(gpus=[FakeGpu(0, fake_uuid(0), total=CARD), FakeGpu(1, fake_uuid(1), total=CARD)])
+    card.inject("nvmlDeviceGetMemoryInfo", NVML_ERROR_GPU_IS_LOST, device=0)
+    nvml = Nvml()
+    try:
+        first = nvml.snapshot()
+        assert first[0].error is not None and first[0].error.name == "GPU_IS_LOST"
+        assert first[1].error is None and first[1].total_bytes == CARD
+        card.clear_errors()
+        assert [g.error for g in nvml.snapshot()] == [None, None]  # initialised again
+    finally:
+        nvml.close()
