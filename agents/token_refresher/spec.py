@@ -1,0 +1,234 @@
+"""What users write: token Secrets, the pods' `to-inject` annotation, templates.
+
+Compatible with oauth2-refresh-controller (CERN): the same Secret keys
+(`oauth`, `clientID`, `clientSecret`), the same annotation keys under its
+prefix `oauth2-refresh-controller.cern.ch/` or ours, the same default file
+`/tmp/oauthtk_<owner>` and the `$(ACCESS_TOKEN)` template variable, so that
+existing Secrets and Pods work without edits.
+
+Fields of a `to-inject` entry beyond the original ones (all optional):
+`path` (absolute path in the container, default `/tmp/oauthtk_<owner>`),
+`mode` (octal string such as "0440" or a number, default 0400), `group` (gid,
+default `owner`). Template variables: `$(ACCESS_TOKEN)`, `$(TOKEN_TYPE)`,
+`$(EXPIRES_AT)` (unix seconds) and `$(EXPIRES_AT_RFC3339)`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import posixpath
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+OUR_PREFIX = "token-refresher.node-agents.io"
+CERN_PREFIX = "oauth2-refresh-controller.cern.ch"
+PREFIXES = (OUR_PREFIX, CERN_PREFIX)  # ours wins when both are set
+
+IS_TOKEN = "is-token"
+TO_INJECT = "to-inject"
+TOKEN_URL = "token-url"  # per-Secret override of the controller's token endpoint
+STATUS = "status"  # written by the controller: ok, or why refreshing stopped
+
+SECRET_TOKEN_KEYS = ("oauth", "oauth2")
+DEFAULT_TEMPLATE = "$(ACCESS_TOKEN)"
+DEFAULT_MODE = 0o400
+
+_VARIABLE = re.compile(r"\$\(([A-Z0-9_]+)\)")
+
+
+class SpecError(ValueError):
+    """A Secret, annotation or template that cannot be used; the message says why.
+
+    Messages never contain token values.
+    """
+
+
+class TokenLike(Protocol):
+    access_token: str
+    token_type: str
+    expires_at: float | None
+
+
+def annotation(annotations: Mapping[str, str] | None, key: str) -> str | None:
+    """The value of `<prefix>/<key>` under our prefix, else under CERN's."""
+    for prefix in PREFIXES:
+        value = (annotations or {}).get(f"{prefix}/{key}")
+        if value is not None:
+            return value
+    return None
+
+
+def is_token_secret(secret: Mapping[str, Any]) -> bool:
+    value = annotation(secret.get("metadata", {}).get("annotations"), IS_TOKEN)
+    return value is not None and value.strip().lower() == "true"
+
+
+@dataclass(frozen=True)
+class Injection:
+    """One file to keep in one container of a pod."""
+
+    secret_name: str
+    container: str
+    owner: int
+    group: int
+    path: str
+    mode: int = DEFAULT_MODE
+    template_config_map: str = ""
+
+
+def parse_to_inject(annotations: Mapping[str, str] | None) -> list[Injection]:
+    """The pod's `to-inject` list; [] when the pod has none, SpecError when malformed."""
+    raw = annotation(annotations, TO_INJECT)
+    if raw is None:
+        return []
+    try:
+        entries = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise SpecError(f"{TO_INJECT} is not valid JSON: {err.msg} at {err.pos}") from None
+    if not isinstance(entries, list):
+        raise SpecError(f"{TO_INJECT} must be a JSON list of objects")
+    return [_injection(i, entry) for i, entry in enumerate(entries)]
+
+
+def _injection(index: int, entry: Any) -> Injection:
+    where = f"{TO_INJECT}[{index}]"
+    if not isinstance(entry, dict):
+        raise SpecError(f"{where} must be an object")
+    unknown = set(entry) - {
+        "secretName",
+        "container",
+        "owner",
+        "group",
+        "path",
+        "mode",
+        "templateConfigMapName",
+    }
+    if unknown:
+        raise SpecError(f"{where}: unknown fields {sorted(unknown)}")
+    secret = entry.get("secretName")
+    container = entry.get("container")
+    if not isinstance(secret, str) or not secret:
+        raise SpecError(f"{where}: secretName must be a non-empty string")
+    if not isinstance(container, str) or not container:
+        raise SpecError(f"{where}: container must be a non-empty string")
+    owner = _id(where, "owner", entry.get("owner", 0))
+    group = _id(where, "group", entry.get("group", owner))
+    path = entry.get("path", f"/tmp/oauthtk_{owner}")
+    if not isinstance(path, str) or not posixpath.isabs(path) or path.endswith("/"):
+        raise SpecError(f"{where}: path must be an absolute file path, got {path!r}")
+    template = entry.get("templateConfigMapName", "")
+    if not isinstance(template, str):
+        raise SpecError(f"{where}: templateConfigMapName must be a string")
+    return Injection(
+        secret_name=secret,
+        container=container,
+        owner=owner,
+        group=group,
+        path=posixpath.normpath(path),
+        mode=_mode(where, entry.get("mode", DEFAULT_MODE)),
+        template_config_map=template,
+    )
+
+
+def _id(where: str, name: str, value: Any) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32 - 1:
+        raise SpecError(f"{where}: {name} must be a uid/gid number, got {value!r}")
+    return value
+
+
+def _mode(where: str, value: Any) -> int:
+    if isinstance(value, str):
+        try:
+            value = int(value, 8)
+        except ValueError:
+            raise SpecError(f"{where}: mode must be octal such as '0400', got {value!r}") from None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0o777:
+        raise SpecError(f"{where}: mode must be between 0 and 0777, got {value!r}")
+    if value & 0o022:
+        raise SpecError(f"{where}: mode {value:04o} lets others write a credential")
+    return value
+
+
+@dataclass(frozen=True)
+class TokenSecret:
+    """The decoded content of a token Secret (tokens are never shown by repr)."""
+
+    token_json: str
+    token_key: str  # "oauth" or "oauth2": written back under the same key
+    client_id: str
+    client_secret: str
+    token_url: str  # "" when the controller's default applies
+
+    def __repr__(self) -> str:
+        return f"TokenSecret(key={self.token_key!r}, client_id={self.client_id!r}, <redacted>)"
+
+
+def parse_token_secret(secret: Mapping[str, Any]) -> TokenSecret:
+    """Decode a token Secret; SpecError naming the missing or broken key."""
+    data = _decoded(secret)
+    key = next((k for k in SECRET_TOKEN_KEYS if k in data), None)
+    if key is None:
+        raise SpecError(f"Secret has no {' or '.join(SECRET_TOKEN_KEYS)} key")
+    missing = [k for k in ("clientID", "clientSecret") if not data.get(k)]
+    if missing:
+        raise SpecError(f"Secret is missing {', '.join(missing)}")
+    annotations = secret.get("metadata", {}).get("annotations")
+    return TokenSecret(
+        token_json=data[key],
+        token_key=key,
+        client_id=data["clientID"].strip(),
+        client_secret=data["clientSecret"].strip(),
+        token_url=(annotation(annotations, TOKEN_URL) or "").strip(),
+    )
+
+
+def _decoded(secret: Mapping[str, Any]) -> dict[str, str]:
+    """Secret data (base64) and stringData, as text."""
+    out: dict[str, str] = {}
+    for key, value in (secret.get("data") or {}).items():
+        try:
+            out[key] = base64.b64decode(value, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError, TypeError):
+            raise SpecError(f"Secret key {key} is not base64-encoded UTF-8") from None
+    for key, value in (secret.get("stringData") or {}).items():
+        out[key] = str(value)
+    return out
+
+
+def render(template: str | None, token: TokenLike) -> bytes:
+    """The file content: the template with its variables expanded.
+
+    An unknown `$(NAME)` is an error, not left in place: a typo would
+    otherwise write a broken credential that fails far from here.
+    """
+    text = DEFAULT_TEMPLATE if template is None else template
+    expires = token.expires_at
+    values = {
+        "ACCESS_TOKEN": token.access_token,
+        "TOKEN_TYPE": token.token_type or "Bearer",
+        "EXPIRES_AT": "" if expires is None else str(int(expires)),
+        "EXPIRES_AT_RFC3339": ""
+        if expires is None
+        else datetime.fromtimestamp(expires, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    unknown = sorted({m.group(1) for m in _VARIABLE.finditer(text)} - set(values))
+    if unknown:
+        raise SpecError(f"template uses unknown variables {unknown}; known: {sorted(values)}")
+    return _VARIABLE.sub(lambda m: values[m.group(1)], text).encode()
+
+
+def template_of(config_map: Mapping[str, Any] | None, name: str) -> str:
+    """The `template` key of the named ConfigMap; SpecError when it is not there."""
+    if config_map is None:
+        raise SpecError(f"template ConfigMap {name} not found")
+    template = (config_map.get("data") or {}).get("template")
+    if not isinstance(template, str):
+        raise SpecError(f"template ConfigMap {name} has no 'template' key")
+    return template
