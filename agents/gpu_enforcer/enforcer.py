@@ -189,7 +189,7 @@ class Enforcer:
         self._notify = notify
         self._signal = signal_fn or (lambda ref, sig: signal_process(ref, sig, config.proc_root))
         self._clock = clock
-        self._policy = Policy(config.policy)
+        self._policies: dict[str, Policy] = {}
         self._terminating: dict[ProcessRef, tuple[float, str]] = {}
         self._evicted: dict[str, float] = {}
         self._soft_warned: set[tuple[str, str]] = set()
@@ -251,7 +251,9 @@ class Enforcer:
                 report.unattributed_bytes += sum(s.used_bytes for s in samples)
                 continue
             report.usages.append(usage)
-        decisions = self._policy.decide(
+        # One policy per card: each keeps the holds of the pods on its card.
+        policy = self._policies.setdefault(gpu.uuid, Policy(self.config.policy))
+        decisions = policy.decide(
             gpu.total_bytes,
             gpu.used_bytes,
             [Usage((gpu.uuid, u.owner), u.used_bytes, u.limit) for u in report.usages],

@@ -631,3 +631,25 @@ def test_a_lost_gpu_does_not_blind_the_others(card: FakeNvmlWorld) -> None:
         assert [g.error for g in nvml.snapshot()] == [None, None]  # initialised again
     finally:
         nvml.close()
+
+
+def test_holds_are_kept_per_card_on_a_node_with_several(card: FakeNvmlWorld, pods: Any) -> None:
+    greedy, other = pods("greedy"), pods("other")
+    card.write(
+        gpus=[FakeGpu(0, fake_uuid(0), total=CARD), FakeGpu(1, fake_uuid(1), total=CARD)],
+        processes=[FakeProcess(0, greedy.pid, 10 * GIB), FakeProcess(1, other.pid, 2 * GIB)],
+    )
+    argv = [
+        "--local",
+        "--replicas",
+        "2",
+        "--hold",
+        "1",
+        "--interval",
+        "0.2",
+        "--metrics-address",
+        "off",
+    ]
+    with AgentThread(main, argv):
+        wait_for(lambda: not greedy.alive(), 10)
+    assert other.alive()
