@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import threading
@@ -60,6 +61,33 @@ def _settle(check: object, timeout: float = 3.0) -> object:
         if not found or time.monotonic() > deadline:
             return found
         time.sleep(0.05)
+
+
+@pytest.fixture(autouse=True)
+def fresh_logging() -> Iterator[None]:
+    """Each test starts with the logging set-up the previous one found.
+
+    An agent's `main` configures logging for its process (root handler and
+    level, quiet third-party loggers), and the test IdP (Canaille) adds
+    filters; in-process tests must not inherit either.
+    """
+    root = logging.getLogger()
+    handlers, level, filters = list(root.handlers), root.level, list(root.filters)
+    handler_filters = {h: list(h.filters) for h in handlers}
+    levels = {
+        name: logger.level
+        for name, logger in logging.root.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger)
+    }
+    yield
+    root.handlers[:] = handlers
+    root.filters[:] = filters
+    for handler, saved in handler_filters.items():
+        handler.filters[:] = saved
+    root.setLevel(level)
+    for name, logger in logging.root.manager.loggerDict.items():
+        if isinstance(logger, logging.Logger):
+            logger.setLevel(levels.get(name, logging.NOTSET))
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ and nowhere else; tests call `main` with their own argv and a stop event.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import resource
@@ -52,20 +53,26 @@ def _quantity(text: str) -> int:
     try:
         return parse_quantity(text)
     except LimitError as err:
-        raise ValueError(str(err)) from None
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0 <= value <= 1:
-        raise ValueError(f"must be between 0 and 1: {text!r}")
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1: {text!r}")
     return value
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
-        raise ValueError(f"must be >= 1: {text!r}")
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
     return value
 
 

@@ -49,9 +49,14 @@ class SpecError(ValueError):
 
 
 class TokenLike(Protocol):
-    access_token: str
-    token_type: str
-    expires_at: float | None
+    @property
+    def access_token(self) -> str: ...
+
+    @property
+    def token_type(self) -> str: ...
+
+    @property
+    def expires_at(self) -> float | None: ...
 
 
 def annotation(annotations: Mapping[str, str] | None, key: str) -> str | None:
@@ -130,7 +135,7 @@ def _injection(index: int, entry: Any) -> Injection:
         owner=owner,
         group=group,
         path=posixpath.normpath(path),
-        mode=_mode(where, entry.get("mode", DEFAULT_MODE)),
+        mode=parse_mode(where, entry.get("mode", DEFAULT_MODE)),
         template_config_map=template,
     )
 
@@ -143,7 +148,8 @@ def _id(where: str, name: str, value: Any) -> int:
     return value
 
 
-def _mode(where: str, value: Any) -> int:
+def parse_mode(where: str, value: Any) -> int:
+    """A file mode from an octal string or a number; no group/other write."""
     if isinstance(value, str):
         try:
             value = int(value, 8)

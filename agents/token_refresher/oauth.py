@@ -1,0 +1,653 @@
+"""OAuth2 tokens and the refresh-token grant (RFC 6749 section 6), isolated here.
+
+`Token` is the token JSON a Secret holds (the `oauth` key: an IdP's token
+response, Keycloak's in the seed text) with an absolute expiry. `refresh()`
+runs the grant and sorts failures into `FinalError` (the IdP refused the
+refresh token or the client: retrying cannot help until the Secret changes)
+and `RetryableError` (back off with `Backoff`, keep serving the old token).
+
+The grant is built by oauthlib and sent with `requests`, not through
+requests-oauthlib's `OAuth2Session.refresh_token`: in requests-oauthlib 2.0
+that call refuses http:// unless the process-wide OAUTHLIB_INSECURE_TRANSPORT
+is set, parses the body without looking at the HTTP status, and logs the
+request body (refresh token, client secret) and the new tokens at DEBUG.
+
+No token or client secret ever reaches a log line or an exception message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+from typing import Any, Final
+from urllib.parse import quote, quote_plus, urlsplit
+
+import requests
+from oauthlib.oauth2 import Client as OAuthClient
+
+from agents.common.logs import mask_secrets
+
+log = logging.getLogger(__name__)
+
+AUTH_METHODS: Final = ("client_secret_basic", "client_secret_post", "none")
+"""How the client authenticates at the token endpoint (RFC 6749 section 2.3.1;
+the names are the `token_endpoint_auth_method` values of RFC 7591)."""
+
+FINAL_KINDS: Final = frozenset(
+    {
+        "invalid_grant",
+        "invalid_client",
+        "unauthorized_client",
+        "unsupported_grant_type",
+        "invalid_scope",
+        "invalid_request",
+        "no_refresh_token",
+    }
+)
+RETRYABLE_KINDS: Final = frozenset(
+    {
+        "timeout",
+        "connection",
+        "tls",
+        "http_5xx",
+        "rate_limited",
+        "server_error",
+        "http_4xx",
+        "oauth_error",
+        "bad_response",
+    }
+)
+"""Every `RefreshError.kind`: a closed set, so it can be a metric label."""
+
+TOKEN_LOGGERS: Final = ("requests_oauthlib", "oauthlib")
+"""Libraries that log token values at DEBUG: requests-oauthlib 2.0 logs request
+bodies and token responses (oauth2_session.py; the kubernetes client uses it to
+refresh kubeconfig OIDC tokens), oauthlib's server side logs request objects."""
+
+MAX_RESPONSE_BYTES: Final = 1 << 20
+"""A token response is a few KiB; anything larger is not one."""
+
+# Keys `Token` owns; every other key of the token JSON is kept in `extra`.
+_OWN_KEYS: Final = frozenset(
+    {
+        "access_token",
+        "refresh_token",
+        "token_type",
+        "scope",
+        "expires_in",
+        "expires_at",
+        "issued_at",
+    }
+)
+_HEADERS: Final = {
+    "Accept": "application/json",
+    "Content-Type": "application/x-www-form-urlencoded",
+}
+_RNG = random.Random()
+
+
+class TokenFormatError(ValueError):
+    """Token JSON that cannot be used. The message never quotes the JSON."""
+
+
+class InsecureURLError(ValueError):
+    """A token URL that is not https:// (plain http only when allowed explicitly)."""
+
+
+class RefreshError(Exception):
+    """A refresh failed. `kind` is a short label from a closed set (metrics,
+    Events); `status` the HTTP status when the IdP answered."""
+
+    def __init__(self, kind: str, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+
+
+class FinalError(RefreshError):
+    """The IdP refused the refresh token or the client: retrying cannot help
+    until the Secret changes (a retry storm would only get the client blocked)."""
+
+
+class RetryableError(RefreshError):
+    """A transient failure: back off and retry, keep serving the old token until
+    it expires. `retry_after`: seconds the IdP asked to wait (Retry-After)."""
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(kind, message, status=status)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, repr=False)
+class Token:
+    """An access token with its refresh token and absolute expiry (unix time).
+
+    `repr` and `str` never show the tokens, nor the values in `extra` (which
+    may hold an `id_token`).
+    """
+
+    access_token: str
+    refresh_token: str = ""
+    expires_at: float | None = None
+    """None: the IdP did not say (RFC 6749 makes expires_in only RECOMMENDED)."""
+    issued_at: float | None = None
+    """When the IdP issued it, as far as we know; anchors `refresh_due` so that
+    a restarted controller lands on the same share of the lifetime."""
+    token_type: str = "Bearer"
+    scope: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, hash=False)
+    """Every other field of the token JSON, written back unchanged."""
+
+    @classmethod
+    def from_json(cls, text: str | bytes, now: float) -> Token:
+        """Parse the token JSON a Secret holds.
+
+        An absolute `expires_at` (what `to_json` writes) wins over
+        `expires_in`, which is relative to when the JSON was written: for JSON
+        from elsewhere (the seed tool stores the IdP's response as it came),
+        pass that time as `now` when known (the Secret's creationTimestamp),
+        else the JSON is taken as written just now.
+        """
+        try:
+            data = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as err:
+            # JSONDecodeError's message has a position, never the document.
+            reason = err.msg if isinstance(err, json.JSONDecodeError) else type(err).__name__
+            raise TokenFormatError(f"token JSON is not valid JSON ({reason})") from None
+        if not isinstance(data, dict):
+            raise TokenFormatError(f"token JSON must be an object, not {_json_type_name(data)}")
+        return cls._from_mapping(data, now, stored=True)
+
+    @classmethod
+    def _from_mapping(cls, data: Mapping[str, Any], now: float, *, stored: bool) -> Token:
+        access_token = data.get("access_token")
+        if access_token is None or access_token == "":
+            raise TokenFormatError("token JSON has no access_token")
+        if not isinstance(access_token, str):
+            raise TokenFormatError("access_token must be a string")
+        refresh_token = data.get("refresh_token") or ""
+        if not isinstance(refresh_token, str):
+            raise TokenFormatError("refresh_token must be a string")
+        token_type = data.get("token_type") or "Bearer"
+        if not isinstance(token_type, str):
+            raise TokenFormatError("token_type must be a string")
+        expires_in = _seconds(data, "expires_in")
+        expires_at = _seconds(data, "expires_at")
+        issued_at = _seconds(data, "issued_at")
+        if not stored:
+            # A token response: issued now; expires_in is the standard field,
+            # a non-standard expires_at counts only when it is all there is.
+            issued_at = now
+            if expires_in is not None:
+                expires_at = now + expires_in
+        elif expires_at is None and expires_in is not None:
+            expires_at, issued_at = now + expires_in, now
+        return cls(
+            access_token=access_token,
+            refresh_token=refresh_token,
+            expires_at=expires_at,
+            issued_at=issued_at,
+            token_type=token_type,
+            scope=_scope(data.get("scope")),
+            extra={k: v for k, v in data.items() if k not in _OWN_KEYS},
+        )
+
+    def to_json(self, now: float | None = None) -> str:
+        """The token JSON to store: `expires_at` absolute, and `expires_in`
+        kept consistent with it (seconds left at `now`) for readers that only
+        know the standard field."""
+        now = time.time() if now is None else now
+        data: dict[str, Any] = {"access_token": self.access_token}
+        if self.expires_at is not None:
+            # Rounded down: a reader must never believe in a longer life.
+            data["expires_in"] = max(0, math.floor(self.expires_at - now))
+            data["expires_at"] = math.floor(self.expires_at)
+        if self.refresh_token:
+            data["refresh_token"] = self.refresh_token
+        data["token_type"] = self.token_type
+        if self.scope:
+            data["scope"] = self.scope
+        if self.issued_at is not None:
+            data["issued_at"] = math.floor(self.issued_at)
+        data.update((k, v) for k, v in self.extra.items() if k not in _OWN_KEYS)
+        return json.dumps(data, separators=(",", ":"))
+
+    def lifetime(self, now: float) -> float | None:
+        """Seconds until the access token expires (negative: expired); None: unknown."""
+        return None if self.expires_at is None else self.expires_at - now
+
+    def expired(self, now: float) -> bool:
+        """True once the access token is past its expiry (unknown expiry: never)."""
+        return self.expires_at is not None and now >= self.expires_at
+
+    def refresh_due(
+        self,
+        now: float,
+        *,
+        fraction: float = 0.8,
+        jitter_fraction: float = 0.1,
+        rng: random.Random | None = None,
+        idle_window: float = 3600.0,
+        min_interval: float = 10.0,
+    ) -> float:
+        """When to refresh (unix time; a time in the past means now).
+
+        At `fraction` of the lifetime, give or take `jitter_fraction` of it, so
+        that Secrets seeded together do not hit the IdP together. The lifetime
+        runs from `issued_at`, else from `now`: compute this once per token,
+        not on every tick. A token without an expiry is refreshed after about
+        `idle_window` seconds anyway, so its refresh token never idles out
+        (Keycloak ends idle sessions, offline ones after 30 days by default).
+        Never sooner than `min_interval` after `issued_at`: an IdP answering
+        `expires_in: 0` must not get a refresh loop.
+        """
+        if (
+            jitter_fraction < 0
+            or fraction - jitter_fraction <= 0
+            or fraction + jitter_fraction >= 1
+        ):
+            raise ValueError(
+                "refresh fraction +- jitter must stay within (0, 1), "
+                f"got {fraction} +- {jitter_fraction}"
+            )
+        if idle_window <= 0:
+            raise ValueError(f"idle_window must be > 0, got {idle_window}")
+        jitter = (rng or _RNG).uniform(-jitter_fraction, jitter_fraction)
+        if self.expires_at is None:
+            start = now if self.issued_at is None else self.issued_at
+            return start + idle_window * (1.0 + jitter)
+        if self.issued_at is None or self.issued_at > self.expires_at:
+            return now + max(0.0, self.expires_at - now) * (fraction + jitter)
+        due = self.issued_at + (self.expires_at - self.issued_at) * (fraction + jitter)
+        return max(due, self.issued_at + min_interval)
+
+    def __repr__(self) -> str:
+        return (
+            f"Token(access_token=<redacted>, "
+            f"refresh_token={'<redacted>' if self.refresh_token else '<none>'}, "
+            f"expires_at={self.expires_at!r}, issued_at={self.issued_at!r}, "
+            f"token_type={self.token_type!r}, scope={self.scope!r}, "
+            f"extra_keys={sorted(self.extra)!r})"
+        )
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Capped exponential backoff with jitter for retryable refresh failures.
+
+    Half of each delay is fixed and half random ("equal jitter"): controllers
+    that failed together spread out, and none retries at once after a failure.
+    """
+
+    base: float = 2.0
+    """Delay ceiling after the first failure; doubles with each further one."""
+    cap: float = 60.0
+    """Largest ceiling. Keycloak's access tokens live 5-20 minutes and are
+    refreshed at 80%: a minute leaves several attempts before expiry."""
+    retry_after_cap: float = 600.0
+    """A server's Retry-After is honoured up to this: a broken header must not
+    stall refreshes for hours."""
+    rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.base <= self.cap:
+            raise ValueError(f"backoff needs 0 < base <= cap, got {self.base} and {self.cap}")
+
+    def next_delay(self, failures: int, retry_after: float | None = None) -> float:
+        """Seconds to wait after `failures` consecutive failures (0: none), or
+        the server's `retry_after` when that is longer."""
+        delay = 0.0
+        if failures > 0:
+            ceiling = min(self.cap, self.base * 2.0 ** min(failures - 1, 64))
+            delay = ceiling / 2 + self.rng.uniform(0.0, ceiling / 2)
+        if retry_after is not None and retry_after > delay:
+            delay = max(delay, min(retry_after, self.retry_after_cap))
+        return delay
+
+
+def quiet_token_loggers() -> None:
+    """Keep the loggers in `TOKEN_LOGGERS` at INFO or above whatever the
+    agent's log level: at DEBUG they print tokens and client secrets."""
+    for name in TOKEN_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level < logging.INFO:  # NOTSET inherits the root's DEBUG
+            logger.setLevel(logging.INFO)
+
+
+def check_token_url(url: str, *, allow_http: bool = False) -> str:
+    """`url` if it is an https:// URL with a host (http:// only if `allow_http`),
+    else InsecureURLError: the refresh token and client secret travel in it."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError as err:
+        raise InsecureURLError(f"token URL is not a URL: {err}") from err
+    if parts.scheme == "http" and not allow_http:
+        raise InsecureURLError(
+            f"refusing plain http token URL {_where(url)}: the refresh token and the "
+            "client secret would cross the network in clear; use https (plain http "
+            "only when explicitly allowed, for development)"
+        )
+    if parts.scheme not in ("https", "http") or not host:
+        raise InsecureURLError(f"token URL must be https://<host>/..., got {_where(url)!r}")
+    return url
+
+
+def refresh(
+    token_url: str,
+    token: Token,
+    client_id: str,
+    client_secret: str,
+    *,
+    auth_method: str = "client_secret_basic",
+    verify: bool | str = True,
+    timeout: float = 10.0,
+    allow_http: bool = False,
+    session: requests.Session | None = None,
+    now: float | None = None,
+) -> Token:
+    """Trade `token`'s refresh token for a new token (RFC 6749 section 6).
+
+    The new token keeps the old refresh token when the IdP sends none (it
+    does not rotate), and its expiry is absolute, counted from `now` (the time
+    the request is sent; default: the clock). `verify`: True checks the IdP's
+    certificate against the system trust store, or the bundle named by
+    REQUESTS_CA_BUNDLE when the session trusts the environment (requests'
+    default); a path checks it against that CA bundle. `timeout` bounds the
+    connection and each wait for data. Redirects are not followed: they would
+    carry the credentials elsewhere.
+
+    Raises FinalError or RetryableError (see their `kind`), InsecureURLError
+    for a token URL that is not https:// (unless `allow_http`), ValueError for
+    an unknown `auth_method`.
+    """
+    check_token_url(token_url, allow_http=allow_http)
+    if auth_method not in AUTH_METHODS:
+        raise ValueError(f"unknown auth method {auth_method!r}, expected one of {AUTH_METHODS}")
+    if not token.refresh_token:
+        raise FinalError("no_refresh_token", "the token has no refresh_token to refresh it with")
+    sent = time.time() if now is None else now
+    where = _where(token_url)
+    secrets = (token.refresh_token, token.access_token, client_secret)
+
+    auth: requests.auth.HTTPBasicAuth | None = None
+    credentials: dict[str, str] = {}
+    if auth_method == "client_secret_basic":
+        # RFC 6749 section 2.3.1: both form-encoded, then HTTP Basic. quote()
+        # rather than quote_plus(): some servers (authlib) decode with a plain
+        # unquote and would keep the '+' of an encoded space.
+        auth = requests.auth.HTTPBasicAuth(quote(client_id, safe=""), quote(client_secret, safe=""))
+    elif auth_method == "client_secret_post":
+        credentials = {"client_id": client_id, "client_secret": client_secret}
+    else:
+        credentials = {"client_id": client_id}
+    body = OAuthClient(client_id).prepare_refresh_body(
+        refresh_token=token.refresh_token, **credentials
+    )
+
+    log.debug("refreshing a token at %s (%s)", where, auth_method)
+    http = requests.Session() if session is None else session
+    try:
+        response = http.post(
+            token_url,
+            data=body,
+            headers=_HEADERS,
+            auth=auth,
+            timeout=timeout,
+            verify=verify,
+            allow_redirects=False,
+            stream=True,
+        )
+        try:
+            content = _read_body(response, where)
+        finally:
+            response.close()
+    except requests.exceptions.SSLError as err:
+        kind = "timeout" if "timed out" in str(err) else "tls"
+        raise RetryableError(kind, f"TLS with {where} failed: {_reason(err, secrets)}") from err
+    except requests.exceptions.Timeout as err:
+        raise RetryableError(
+            "timeout", f"{where} did not answer within {timeout:g} s: {_reason(err, secrets)}"
+        ) from err
+    except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as err:
+        raise RetryableError(
+            "connection", f"cannot reach {where}: {_reason(err, secrets)}"
+        ) from err
+    except requests.exceptions.RequestException as err:
+        raise RetryableError(
+            "bad_response", f"request to {where} failed: {_reason(err, secrets)}"
+        ) from err
+    finally:
+        if session is None:
+            http.close()
+
+    status = response.status_code
+    log.debug("%s answered %d (%d bytes)", where, status, len(content))
+    retry_after = _retry_after(response.headers.get("Retry-After"), sent)
+    if status == 429:
+        raise RetryableError(
+            "rate_limited",
+            f"{where} is rate limiting (429)"
+            + (f", retry after {retry_after:g} s" if retry_after is not None else ""),
+            status=status,
+            retry_after=retry_after,
+        )
+    if status >= 500:
+        raise RetryableError(
+            "http_5xx", f"{where} answered {status}", status=status, retry_after=retry_after
+        )
+    data = _json_object(content)
+    if data is not None and data.get("error"):
+        raise _oauth_error(
+            data, status, where, auth_method=auth_method, secrets=secrets, retry_after=retry_after
+        )
+    if 200 <= status < 300:
+        # An unusable answer (or a timeout) after the IdP rotated loses the
+        # chain: the retry gets invalid_grant. Nothing on this side can tell.
+        if data is None:
+            raise RetryableError(
+                "bad_response", f"{where} answered {status} without a JSON object", status=status
+            )
+        try:
+            new = Token._from_mapping(data, sent, stored=False)
+        except TokenFormatError as err:
+            raise RetryableError(
+                "bad_response",
+                f"{where} answered {status} with an unusable token: {err}",
+                status=status,
+            ) from err
+        if not new.refresh_token:
+            # RFC 6749 section 6: the server MAY issue a new refresh token;
+            # without one the old one stays valid.
+            new = replace(new, refresh_token=token.refresh_token)
+        return new
+    if 400 <= status < 500:
+        raise RetryableError(
+            "http_4xx", f"{where} answered {status} without an OAuth2 error", status=status
+        )
+    raise RetryableError(
+        "bad_response",
+        f"{where} answered {status}"
+        + (
+            " (a redirect, not followed: point the token URL at the final address)"
+            if 300 <= status < 400
+            else ""
+        ),
+        status=status,
+    )
+
+
+_ERROR_HINTS: Final = {
+    "invalid_grant": "the refresh token was refused (expired, revoked or already used); "
+    "a new token must be put into the Secret",
+    "invalid_client": "client authentication failed: check clientID, clientSecret "
+    "and the auth method ({auth_method})",
+    "unauthorized_client": "this client may not use the refresh_token grant",
+    "unsupported_grant_type": "the IdP does not support the refresh_token grant",
+    "invalid_scope": "the IdP refused the scope",
+    "invalid_request": "the IdP refused the request as malformed",
+}
+# RFC 6749 section 4.1.2.1 codes that some IdPs also return from the token endpoint.
+_TRANSIENT_ERRORS: Final = frozenset({"server_error", "temporarily_unavailable"})
+
+
+def _oauth_error(
+    data: Mapping[str, Any],
+    status: int,
+    where: str,
+    *,
+    auth_method: str,
+    secrets: Iterable[str],
+    retry_after: float | None,
+) -> RefreshError:
+    """The RFC 6749 section 5.2 error response as FinalError or RetryableError."""
+    code = str(data["error"])
+    description = data.get("error_description")
+    detail = f": {_sanitise(description, secrets)}" if description else ""
+    if code in _ERROR_HINTS:
+        hint = _ERROR_HINTS[code].format(auth_method=auth_method)
+        return FinalError(code, f"{where}: {code}: {hint}{detail}", status=status)
+    kind = "server_error" if code in _TRANSIENT_ERRORS else "oauth_error"
+    return RetryableError(
+        kind,
+        f"{where} answered {status} with error {_sanitise(code, secrets, 40)!r}{detail}",
+        status=status,
+        retry_after=retry_after,
+    )
+
+
+def _read_body(response: requests.Response, where: str) -> bytes:
+    chunks = []
+    size = 0
+    for chunk in response.iter_content(16384):
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise RetryableError(
+                "bad_response",
+                f"{where} sent more than {MAX_RESPONSE_BYTES} bytes: not a token response",
+                status=response.status_code,
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _json_object(content: bytes) -> dict[str, Any] | None:
+    try:
+        data = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _seconds(data: Mapping[str, Any], key: str) -> float | None:
+    """A number of seconds (JSON number or numeric string) or None if absent."""
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise TokenFormatError(f"{key} must be a number of seconds") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise TokenFormatError(f"{key} must be a number of seconds")
+    return float(value)
+
+
+def _scope(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return " ".join(value)
+    raise TokenFormatError("scope must be a string")
+
+
+def _json_type_name(value: object) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _retry_after(value: str | None, now: float) -> float | None:
+    """Retry-After (RFC 9110 section 10.2.3): delay-seconds or an HTTP-date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - now)
+
+
+def _where(url: str) -> str:
+    """The URL without credentials, query or fragment: safe to log."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<unparsable URL>"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def _reason(err: BaseException, secrets: Iterable[str]) -> str:
+    """The innermost error behind requests' and urllib3's wrappers (ConnectionError
+    around MaxRetryError around NewConnectionError...): the one that says why."""
+    inner = err
+    for _ in range(10):
+        reason = getattr(inner, "reason", None)
+        if not isinstance(reason, BaseException):
+            args = getattr(inner, "args", ())
+            reason = args[0] if args and isinstance(args[0], BaseException) else None
+        if reason is None:
+            break
+        inner = reason
+    return _sanitise(inner, secrets, 300)
+
+
+# Shorter secrets are not replaced: masking every "a" would garble the message,
+# and a value that short is no secret worth the name.
+_MIN_SECRET = 6
+
+
+def _sanitise(text: object, secrets: Iterable[str], limit: int = 200) -> str:
+    """One line of at most `limit` characters with the known secrets and
+    anything token-like masked: IdPs and libraries may echo what was sent."""
+    forms = {
+        form
+        for secret in secrets
+        if len(secret) >= _MIN_SECRET
+        for form in (secret, quote(secret, safe=""), quote_plus(secret))
+    }
+    result = str(text)
+    if forms:
+        # One pass, longest first: a secret inside another is not half-masked.
+        pattern = "|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True))
+        result = re.sub(pattern, "<redacted>", result)
+    result = mask_secrets(" ".join(result.split()))
+    return result if len(result) <= limit else result[: limit - 3] + "..."
