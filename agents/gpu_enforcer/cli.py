@@ -18,10 +18,10 @@ from typing import IO, Any
 from prometheus_client import CollectorRegistry
 
 from agents import __version__
-from agents.common.http import AgentHTTPServer
+from agents.common.agent import serving
 from agents.common.kube import EventRecorder, KubeConfigError, ObjectRef, load_api_client
 from agents.common.logs import setup_logging
-from agents.common.loop import Heartbeat, install_stop_signals, run_loop
+from agents.common.loop import Heartbeat, run_loop
 from agents.common.metrics import LoopMetrics
 from agents.common.settings import (
     EXIT_BAD_CONFIG,
@@ -310,18 +310,7 @@ def _run(
     stop: threading.Event | None,
     iterations: int | None,
 ) -> int:
-    stop = stop or threading.Event()
-    restore = (
-        install_stop_signals(stop)
-        if threading.current_thread() is threading.main_thread()
-        else lambda: None
-    )
     heartbeat = Heartbeat(max_age=3 * config.interval + 10)
-    server = (
-        AgentHTTPServer(config.metrics_address, registry, heartbeat).start()
-        if config.metrics_address is not None
-        else None
-    )
 
     def tick() -> None:
         report = enforcer.tick()
@@ -330,20 +319,15 @@ def _run(
         if log.isEnabledFor(logging.DEBUG):
             log.debug("sample:\n%s", report.table())
 
-    try:
+    with serving(PROG, registry, heartbeat, config.metrics_address, stop=stop) as stop_event:
         run_loop(
             tick,
             interval=config.interval,
-            stop=stop,
+            stop=stop_event,
             iterations=iterations,
             metrics=loop_metrics,
             heartbeat=heartbeat,
         )
-    finally:
-        if server is not None:
-            server.close()
-        restore()
-        log.info("%s stopped", PROG)
     return 0
 
 

@@ -19,10 +19,10 @@ from typing import IO
 from prometheus_client import CollectorRegistry
 
 from agents import __version__
-from agents.common.http import AgentHTTPServer
+from agents.common.agent import serving
 from agents.common.kube import EventRecorder, KubeConfigError, ObjectRef, load_api_client
 from agents.common.logs import setup_logging
-from agents.common.loop import Heartbeat, install_stop_signals, run_loop
+from agents.common.loop import Heartbeat, run_loop
 from agents.common.metrics import LoopMetrics
 from agents.common.settings import (
     EXIT_BAD_CONFIG,
@@ -215,23 +215,10 @@ def main(
             )
         return 0
 
-    stop = stop or threading.Event()
     wake = threading.Event()
-    restore = (
-        install_stop_signals(stop, wake)
-        if threading.current_thread() is threading.main_thread()
-        else lambda: None
-    )
     # Long enough for a sweep whose probes all time out, plus the wait.
     heartbeat = Heartbeat(max_age=3 * config.interval + 2 * config.probe_timeout + 5)
-    server = (
-        AgentHTTPServer(config.metrics_address, registry, heartbeat).start()
-        if config.metrics_address is not None
-        else None
-    )
     watcher = ExitWatcher(wake)
-    event_driven = config.event_driven and watcher.start()
-    metrics.event_driven.set(1 if event_driven else 0)
 
     def tick() -> None:
         try:
@@ -244,24 +231,25 @@ def main(
         heartbeat.set_ready(healer.fusectl_ok, "" if healer.fusectl_ok else "fusectl unavailable")
 
     try:
-        run_loop(
-            tick,
-            interval=config.interval,
-            stop=stop,
-            wake=wake if event_driven else None,
-            min_gap=config.event_min_gap,
-            iterations=iterations,
-            metrics=loop_metrics,
-            heartbeat=heartbeat,
-        )
+        with serving(
+            PROG, registry, heartbeat, config.metrics_address, stop=stop, wake=wake
+        ) as stop_event:
+            event_driven = config.event_driven and watcher.start()
+            metrics.event_driven.set(1 if event_driven else 0)
+            run_loop(
+                tick,
+                interval=config.interval,
+                stop=stop_event,
+                wake=wake if event_driven else None,
+                min_gap=config.event_min_gap,
+                iterations=iterations,
+                metrics=loop_metrics,
+                heartbeat=heartbeat,
+            )
     finally:
         watcher.stop()
         prober.close()
         mount_table.close()
-        if server is not None:
-            server.close()
-        restore()
-        log.info("%s stopped", PROG)
     return 0
 
 

@@ -18,9 +18,9 @@ from typing import IO
 from prometheus_client import CollectorRegistry
 
 from agents import __version__
-from agents.common.http import AgentHTTPServer
+from agents.common.agent import serving
 from agents.common.logs import setup_logging
-from agents.common.loop import Heartbeat, install_stop_signals, run_loop
+from agents.common.loop import Heartbeat, run_loop
 from agents.common.metrics import LoopMetrics
 from agents.common.settings import (
     EXIT_BAD_CONFIG,
@@ -204,33 +204,17 @@ def main(
     if args.once:
         refresher.tick()
         return 0
-    stop = stop or threading.Event()
-    restore = (
-        install_stop_signals(stop)
-        if threading.current_thread() is threading.main_thread()
-        else lambda: None
-    )
     heartbeat = Heartbeat(max_age=3 * args.interval + 2 * args.request_timeout + 10)
     heartbeat.set_ready(True)
-    server = (
-        AgentHTTPServer(args.metrics_address, registry, heartbeat).start()
-        if args.metrics_address is not None
-        else None
-    )
-    try:
+    with serving(PROG, registry, heartbeat, args.metrics_address, stop=stop) as stop_event:
         run_loop(
             refresher.tick,
             interval=args.interval,
-            stop=stop,
+            stop=stop_event,
             iterations=iterations,
             metrics=loop_metrics,
             heartbeat=heartbeat,
         )
-    finally:
-        if server is not None:
-            server.close()
-        restore()
-        log.info("%s stopped", PROG)
     return 0
 
 
