@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+from agents.common.attribution import AttributionError, ContainerRef, read_cgroup
+from agents.common.attribution import ProcessGone as AttributionGone
 from agents.common.process import (
     LiveProcesses,
     ProcessGone,
@@ -28,8 +30,6 @@ from agents.common.process import (
     is_running,
     signal_process,
 )
-from agents.gpu_enforcer.attribution import AttributionError, ContainerRef, read_cgroup
-from agents.gpu_enforcer.attribution import ProcessGone as AttributionGone
 from agents.gpu_enforcer.config import EnforcerConfig
 from agents.gpu_enforcer.limits import Limit, LimitError, LimitPolicy
 from agents.gpu_enforcer.metrics import EnforcerMetrics

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.gpu_enforcer.attribution import ContainerRef, ProcessGone, parse_cgroup, read_cgroup
+from agents.common.attribution import ContainerRef, ProcessGone, parse_cgroup, read_cgroup
 from hack.cgroups import CgroupsUnavailable, FakePodCgroups
 from tests.conftest import IN_CI, IS_ROOT
 

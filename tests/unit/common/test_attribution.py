@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.gpu_enforcer.attribution import (
+from agents.common.attribution import (
     AttributionError,
     ContainerRef,
     ProcessGone,
