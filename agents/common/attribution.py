@@ -218,3 +218,27 @@ def read_cgroup(pid: int, proc_root: str | Path = "/proc") -> ContainerRef | Non
             raise ProcessGone(pid) from err
         raise AttributionError(f"cannot read {path}: {err.strerror}") from err
     return parse_cgroup(b"".join(chunks).decode("utf-8", errors="surrogateescape"))
+
+
+def container_processes(container_id: str, proc_root: str | Path = "/proc") -> list[int]:
+    """PIDs of the processes in one container, by scanning `<proc_root>/*/cgroup`.
+
+    `container_id` may carry the runtime scheme a pod's status shows
+    (`containerd://<id>`, `cri-o://<id>`, `docker://<id>`). The token
+    refresher uses a PID to reach the container's root (`/proc/<pid>/root`).
+    One scan reads every process's cgroup file: callers keep what they find.
+    """
+    wanted = container_id.rpartition("://")[2]
+    if not wanted:
+        raise ValueError("empty container ID")
+    found = []
+    for entry in os.scandir(proc_root):
+        if not entry.name.isdigit():
+            continue
+        try:
+            ref = read_cgroup(int(entry.name), proc_root)
+        except (ProcessGone, AttributionError):
+            continue  # exited, or not a cgroup we understand: not this container
+        if ref is not None and ref.container_id == wanted:
+            found.append(int(entry.name))
+    return sorted(found)
