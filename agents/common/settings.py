@@ -217,3 +217,23 @@ def add_common_flags(parser: AgentArgumentParser, *, interval: float, metrics_ad
         env="METRICS_ADDRESS",
         help="HOST:PORT for /metrics, /healthz and /readyz ('off' to disable)",
     )
+
+
+def add_kube_flags(parser: AgentArgumentParser, *, node_help: str) -> None:
+    """`--node-name` and `--kubeconfig`, for agents that talk to Kubernetes.
+
+    The node name also comes from a bare `NODE_NAME`, the name manifests give
+    the downward API's spec.nodeName; the prefixed variable wins.
+    """
+    parser.add_argument(
+        "--node-name",
+        default=parser.environ.get("NODE_NAME", ""),
+        env="NODE_NAME",
+        help=f"{node_help} (env NODE_NAME works too)",
+    )
+    parser.add_argument(
+        "--kubeconfig",
+        default="",
+        env="KUBECONFIG",
+        help="kubeconfig file; default: in-cluster config, else $KUBECONFIG, else none",
+    )

@@ -28,6 +28,7 @@ from agents.common.settings import (
     AgentArgumentParser,
     ConfigError,
     add_common_flags,
+    add_kube_flags,
     non_negative_float,
     positive_float,
     redacted,
@@ -86,7 +87,6 @@ def build_parser(environ: Mapping[str, str] | None = None) -> AgentArgumentParse
         environ=environ,
     )
     add_common_flags(parser, interval=defaults.interval, metrics_address=":9102")
-    env = parser.environ
     parser.add_argument(
         "--action",
         choices=ACTIONS,
@@ -168,18 +168,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> AgentArgumentParse
         env="PROC_ROOT",
         help="procfs of the host PID namespace",
     )
-    parser.add_argument(
-        "--node-name",
-        default=env.get("NODE_NAME", ""),
-        env="NODE_NAME",
-        help="this node (env NODE_NAME works too)",
-    )
-    parser.add_argument(
-        "--kubeconfig",
-        default="",
-        env="KUBECONFIG",
-        help="kubeconfig; default: in-cluster, else $KUBECONFIG, else local mode",
-    )
+    add_kube_flags(parser, node_help="this node: its pods are watched, Events name it")
     parser.add_argument(
         "--local", action="store_true", env="LOCAL", help="ignore any Kubernetes config: local mode"
     )

@@ -29,6 +29,7 @@ from agents.common.settings import (
     AgentArgumentParser,
     ConfigError,
     add_common_flags,
+    add_kube_flags,
     non_negative_float,
     positive_float,
     redacted,
@@ -111,21 +112,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> AgentArgumentParse
     parser.add_argument(
         "--proc-root", default=defaults.proc_root, env="PROC_ROOT", help="procfs mount point"
     )
-    parser.add_argument(
-        "--node-name",
-        default=os.environ.get("NODE_NAME", "")
-        if environ is None
-        else environ.get("NODE_NAME", ""),
-        env="NODE_NAME",
-        help="Node to post Kubernetes Events on (downward API spec.nodeName; env NODE_NAME "
-        "works too); empty: no Events",
-    )
-    parser.add_argument(
-        "--kubeconfig",
-        default="",
-        env="KUBECONFIG",
-        help="kubeconfig file; default: in-cluster, else $KUBECONFIG, else none",
-    )
+    add_kube_flags(parser, node_help="Node to post Kubernetes Events on; empty: no Events")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return parser
 
