@@ -339,7 +339,7 @@ def _kube(config: EnforcerConfig, local: bool) -> tuple[Any, Any] | None:
         return None
     if not config.node_name:
         raise ConfigError("--node-name (or NODE_NAME) is required with Kubernetes")
-    from agents.common.podwatch import NodePodCache
+    from agents.common.watchcache import NodePodCache
 
     cache = NodePodCache(api, config.node_name)
     cache.start()

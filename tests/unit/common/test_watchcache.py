@@ -15,7 +15,7 @@ import pytest
 from kubernetes import client
 from kubernetes import config as kube_config
 
-from agents.common.podwatch import NodePodCache, Pod
+from agents.common.watchcache import NodePodCache, Pod
 from hack.autofs_world import wait_for
 from tests.support.fake_kube import FakeKube
 
@@ -229,7 +229,7 @@ def test_list_errors_back_off_then_sync(
 ) -> None:
     kube.put(pod("a-0"))
     kube.inject_error(*LIST, 500, times=2, watch=False)
-    with caplog.at_level(logging.DEBUG, logger="agents.common.podwatch"):
+    with caplog.at_level(logging.DEBUG, logger="agents.common.watchcache"):
         started = time.monotonic()
         cache = make_cache(jitter=lambda: 0.0)  # backoff at its shortest: 0.25 s, 0.5 s
         assert cache.wait_synced(10)
@@ -241,7 +241,7 @@ def test_list_errors_back_off_then_sync(
     warnings = [
         r
         for r in caplog.records
-        if r.name == "agents.common.podwatch" and r.levelno >= logging.WARNING
+        if r.name == "agents.common.watchcache" and r.levelno >= logging.WARNING
     ]
     (warning,) = warnings  # one per failure streak
     assert "HTTP 500" in warning.getMessage() and NODE in warning.getMessage()
@@ -276,14 +276,14 @@ def test_an_unreachable_api_server_is_retried_and_stop_still_works(
     kube: FakeKube, make_cache: Callable[..., NodePodCache], caplog: pytest.LogCaptureFixture
 ) -> None:
     kube.close()  # connection refused from now on
-    with caplog.at_level(logging.WARNING, logger="agents.common.podwatch"):
+    with caplog.at_level(logging.WARNING, logger="agents.common.watchcache"):
         cache = make_cache(backoff_base=0.05, backoff_cap=0.1, jitter=lambda: 0.0)
         wait_for(lambda: cache.errors >= 3, 10)
         assert not cache.synced and not cache.wait_synced(0)
         started = time.monotonic()
         assert cache.stop()
         assert time.monotonic() - started < 1.0
-    warnings = [r for r in caplog.records if r.name == "agents.common.podwatch"]
+    warnings = [r for r in caplog.records if r.name == "agents.common.watchcache"]
     assert len(warnings) == 1
 
 
@@ -334,9 +334,9 @@ def test_stop_before_start_and_twice(api: Any) -> None:
     assert cache.stop()
 
 
-def test_importing_podwatch_does_not_import_kubernetes() -> None:
+def test_importing_watchcache_does_not_import_kubernetes() -> None:
     code = (
-        "import sys, agents.common.podwatch\n"
+        "import sys, agents.common.watchcache\n"
         "assert 'kubernetes' not in sys.modules, sorted(m for m in sys.modules if 'kube' in m)\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)

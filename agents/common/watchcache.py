@@ -1,6 +1,9 @@
-"""The pods bound to one node, kept current by LIST + WATCH in a background thread.
+"""Core/v1 objects kept current by LIST + WATCH in a background thread.
 
-What the kubelet does for its own node, in miniature: LIST
+`WatchCache` holds one type (pods, Secrets, ConfigMaps) in all namespaces or
+one, narrowed by field and label selectors and by a `keep` predicate applied
+on arrival (objects it refuses are never stored). `NodePodCache` is the
+kubelet's view in miniature: LIST
 `/api/v1/pods?fieldSelector=spec.nodeName=<node>`, then WATCH from the list's
 resourceVersion with `timeoutSeconds` (the apiserver ends the watch then, so it
 restarts regularly and a silently dead connection is noticed) and bookmarks.
@@ -15,10 +18,11 @@ restarts regularly and a silently dead connection is noticed) and bookmarks.
   connection noticed by the read timeout) backs off exponentially with jitter
   and retries the same step; the thread never dies. One warning per streak.
 
-Pods are stored as the plain JSON dicts the apiserver sent, keyed by
-metadata.uid: the LIST is made with `_preload_content=False` and parsed here, and
-watch events are taken raw (`Watch.get_return_type` answers None), so no
-generated model is ever built. That skips the client's model construction and
+Objects are stored as the plain JSON dicts the apiserver sent, keyed by
+metadata.uid (and found by namespace/name too): the LIST is made with
+`_preload_content=False` and parsed here, and watch events are taken raw
+(`Watch.get_return_type` answers None), so no generated model is ever
+built. That skips the client's model construction and
 `sanitize_for_serialization` on every event, and gives callers the same
 camelCase shape as `kubectl get -o json`. Stored dicts are replaced, never
 changed in place: treat them as read-only.
@@ -51,8 +55,13 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-Pod = dict[str, Any]
-OnChange = Callable[[str, Pod], None]
+Obj = dict[str, Any]
+Pod = Obj
+OnChange = Callable[[str, Obj], None]
+Keep = Callable[[Obj], bool]
+
+# Resource -> the CoreV1Api method suffix that lists it.
+_LISTED = {"pods": "pod", "secrets": "secret", "configmaps": "config_map"}
 
 # How often stop() re-pokes the watch while it waits for the thread.
 STOP_POLL = 0.05
@@ -99,19 +108,26 @@ def _status_of(err: BaseException) -> int | None:
     return None
 
 
-class NodePodCache:
-    """A thread-safe cache of the pods bound to `node_name`, by list+watch.
+class WatchCache:
+    """A thread-safe cache of one core/v1 resource, by list+watch.
 
     `api_client` is a `kubernetes.client.ApiClient` (injected; the caller closes
-    it). Counters `lists`, `watches`, `relists_after_gone` and `errors` only
-    grow; agents export them as Prometheus counters.
+    it). `resource` is "pods", "secrets" or "configmaps"; `namespace` None
+    watches every namespace. `keep` decides, per object as it arrives, whether
+    it is stored; one that stops being kept is dropped and reported DELETED.
+    Counters `lists`, `watches`, `relists_after_gone` and `errors` only grow;
+    agents export them as Prometheus counters (they are the API calls made).
     """
 
     def __init__(
         self,
         api_client: Any,
-        node_name: str,
+        resource: str,
         *,
+        namespace: str | None = None,
+        field_selector: str = "",
+        label_selector: str = "",
+        keep: Keep | None = None,
         timeout_seconds: int = 300,
         request_timeout: float = 30.0,
         backoff_base: float = 0.5,
@@ -119,19 +135,33 @@ class NodePodCache:
         on_change: OnChange | None = None,
         jitter: Callable[[], float] = random.random,
     ) -> None:
-        if not node_name:
-            raise ValueError("node_name must not be empty")
+        if resource not in _LISTED:
+            raise ValueError(f"unsupported resource {resource!r}; one of {sorted(_LISTED)}")
+        if namespace == "":
+            raise ValueError("namespace must be None (all) or a name")
         if timeout_seconds < 1:
             raise ValueError("timeout_seconds must be at least 1")
         self.api_client = api_client
-        self.node_name = node_name
-        self.field_selector = f"spec.nodeName={node_name}"
+        self.resource = resource
+        self.namespace = namespace
+        self.field_selector = field_selector
+        self.label_selector = label_selector
+        self.keep = keep
         self.timeout_seconds = int(timeout_seconds)
         self.request_timeout = float(request_timeout)
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.on_change = on_change
         self._jitter = jitter
+        self.what = " ".join(
+            part
+            for part in (
+                resource,
+                f"in {namespace}" if namespace else "",
+                f"({field_selector})" if field_selector else "",
+            )
+            if part
+        )
 
         self.lists = 0
         self.watches = 0
@@ -139,7 +169,8 @@ class NodePodCache:
         self.errors = 0
 
         self._lock = threading.Lock()
-        self._pods: dict[str, Pod] = {}
+        self._objects: dict[str, Obj] = {}
+        self._names: dict[tuple[str, str], str] = {}  # (namespace, name) -> uid
         self._resource_version = ""
         self._synced = threading.Event()
         self._stopping = threading.Event()
@@ -150,12 +181,12 @@ class NodePodCache:
 
     # -- life cycle
 
-    def start(self) -> NodePodCache:
+    def start(self) -> WatchCache:
         """Start the list+watch thread (a daemon); once per cache."""
         if self._thread is not None:
-            raise RuntimeError("NodePodCache.start() called twice")
+            raise RuntimeError(f"{type(self).__name__}.start() called twice")
         self._thread = threading.Thread(
-            target=self._run, name=f"podwatch-{self.node_name}", daemon=True
+            target=self._run, name=f"watch-{self.resource}-{self.namespace or 'all'}", daemon=True
         )
         self._thread.start()
         return self
@@ -180,7 +211,7 @@ class NodePodCache:
             thread.join(min(STOP_POLL, left))
         return not thread.is_alive()
 
-    def __enter__(self) -> NodePodCache:
+    def __enter__(self) -> WatchCache:
         return self.start()
 
     def __exit__(
@@ -207,33 +238,44 @@ class NodePodCache:
         with self._lock:
             return self._resource_version
 
-    def get(self, uid: str) -> Pod | None:
+    def get(self, uid: str) -> Obj | None:
         with self._lock:
-            return self._pods.get(uid)
+            return self._objects.get(uid)
 
-    def by_uid(self) -> dict[str, Pod]:
-        """A snapshot: a new mapping of uid -> pod (the pod dicts are shared, read-only)."""
+    def named(self, namespace: str, name: str) -> Obj | None:
+        """The object called `name` in `namespace`, if stored."""
         with self._lock:
-            return dict(self._pods)
+            uid = self._names.get((namespace, name))
+            return None if uid is None else self._objects.get(uid)
 
-    def pods(self) -> list[Pod]:
+    def by_uid(self) -> dict[str, Obj]:
+        """A snapshot: a new mapping of uid -> object (the dicts are shared, read-only)."""
         with self._lock:
-            return list(self._pods.values())
+            return dict(self._objects)
+
+    def objects(self) -> list[Obj]:
+        with self._lock:
+            return list(self._objects.values())
 
     # -- the thread
 
     def _run(self) -> None:
         from kubernetes import client
 
-        api: Any = client.CoreV1Api(self.api_client)
+        core: Any = client.CoreV1Api(self.api_client)
+        singular = _LISTED[self.resource]
+        if self.namespace is None:
+            lister = getattr(core, f"list_{singular}_for_all_namespaces")
+        else:
+            lister = functools.partial(getattr(core, f"list_namespaced_{singular}"), self.namespace)
         need_list = True
         while not self._stopping.is_set():
             try:
                 if need_list:
-                    self._list(api)
+                    self._list(lister)
                     need_list = False
                     self._succeeded()
-                if self._watch_once(api):
+                if self._watch_once(lister):
                     self._succeeded()
             except _Gone:
                 # Relist now; a second 410 in a row with no event in between
@@ -242,8 +284,8 @@ class NodePodCache:
                 need_list = True
                 self._gone_streak += 1
                 log.info(
-                    "pod watch for node %s: resourceVersion %s expired (410), relisting",
-                    self.node_name,
+                    "watch of %s: resourceVersion %s expired (410), relisting",
+                    self.what,
                     self.resource_version,
                 )
                 if self._gone_streak > 1:
@@ -255,14 +297,15 @@ class NodePodCache:
         with self._lock:
             self._watch = None
 
-    def _list(self, api: Any) -> None:
-        """LIST the node's pods and replace the cache with them."""
+    def _list(self, lister: Any) -> None:
+        """LIST and replace the cache with the result."""
         self.lists += 1
         # A LIST with no resourceVersion is a consistent read: never older than
         # what a previous watch delivered. No paging: a node runs at most a few
-        # hundred pods (kubelet --max-pods, 110 by default).
-        response = api.list_pod_for_all_namespaces(
-            field_selector=self.field_selector,
+        # hundred pods (kubelet --max-pods, 110 by default), and the other
+        # uses list one namespace or few objects.
+        response = lister(
+            **self._selectors(),
             _preload_content=False,
             _request_timeout=(self.request_timeout, self.request_timeout),
         )
@@ -270,28 +313,47 @@ class NodePodCache:
             body = json.loads(response.data)
         finally:
             response.release_conn()
-        pods: dict[str, Pod] = {}
+        kind = _KINDS[self.resource]
+        objects: dict[str, Obj] = {}
         for item in body.get("items") or []:
             # List items carry no apiVersion/kind; watch objects do.
             item.setdefault("apiVersion", "v1")
-            item.setdefault("kind", "Pod")
+            item.setdefault("kind", kind)
             uid = (item.get("metadata") or {}).get("uid")
-            if uid:
-                pods[uid] = item
+            if uid and self._kept(item):
+                objects[uid] = item
         resource_version = str((body.get("metadata") or {}).get("resourceVersion") or "")
         with self._lock:
-            old, self._pods = self._pods, pods
+            old, self._objects = self._objects, objects
+            self._names = {_name_of(obj): uid for uid, obj in objects.items()}
             self._resource_version = resource_version
         self._synced.set()
         log.debug(
-            "pod list for node %s: %d pods at resourceVersion %s",
-            self.node_name,
-            len(pods),
+            "list of %s: %d objects at resourceVersion %s",
+            self.what,
+            len(objects),
             resource_version,
         )
-        self._notify(_diff(old, pods))
+        self._notify(_diff(old, objects))
 
-    def _watch_once(self, api: Any) -> bool:
+    def _selectors(self) -> dict[str, str]:
+        selectors = {}
+        if self.field_selector:
+            selectors["field_selector"] = self.field_selector
+        if self.label_selector:
+            selectors["label_selector"] = self.label_selector
+        return selectors
+
+    def _kept(self, obj: Obj) -> bool:
+        if self.keep is None:
+            return True
+        try:
+            return self.keep(obj)
+        except Exception:
+            log.exception("watch of %s: keep() failed; not storing the object", self.what)
+            return False
+
+    def _watch_once(self, lister: Any) -> bool:
         """One WATCH from the current resourceVersion until the server ends it.
 
         True when it ended normally (or delivered an event); raises _Gone on 410.
@@ -303,8 +365,8 @@ class NodePodCache:
             return False
         self.watches += 1
         stream: Iterator[Any] = watch.stream(
-            api.list_pod_for_all_namespaces,
-            field_selector=self.field_selector,
+            lister,
+            **self._selectors(),
             resource_version=self.resource_version,
             timeout_seconds=self.timeout_seconds,
             allow_watch_bookmarks=True,
@@ -346,19 +408,25 @@ class NodePodCache:
         meta = obj.get("metadata") or {}
         resource_version = meta.get("resourceVersion")
         uid = meta.get("uid")
+        if type_ in ("ADDED", "MODIFIED") and uid and not self._kept(obj):
+            type_ = "DELETED"  # no longer ours: drop it as if deleted
         with self._lock:
             if resource_version:
                 self._resource_version = str(resource_version)
             if type_ in ("ADDED", "MODIFIED") and uid:
-                self._pods[uid] = obj
+                self._objects[uid] = obj
+                self._names[_name_of(obj)] = uid
             elif type_ == "DELETED" and uid:
-                self._pods.pop(uid, None)
+                if self._objects.pop(uid, None) is None:
+                    return  # never stored: nothing to report
+                if self._names.get(_name_of(obj)) == uid:
+                    del self._names[_name_of(obj)]
             else:
                 # BOOKMARK (only the resourceVersion counts) or an unknown type.
                 return
         self._notify([(str(type_), obj)])
 
-    def _notify(self, changes: list[tuple[str, Pod]]) -> None:
+    def _notify(self, changes: list[tuple[str, Obj]]) -> None:
         """Call on_change for each change, outside the lock; its errors are logged."""
         if self.on_change is None:
             return
@@ -366,7 +434,7 @@ class NodePodCache:
             try:
                 self.on_change(type_, pod)
             except Exception:
-                log.exception("pod watch for node %s: on_change(%s) failed", self.node_name, type_)
+                log.exception("watch of %s: on_change(%s) failed", self.what, type_)
 
     # -- backoff
 
@@ -385,18 +453,18 @@ class NodePodCache:
             # Unexpected error types get a traceback: they are likely our bugs.
             expected = status is not None or _is_network_error(err)
             log.warning(
-                "pod %s for node %s failed (%s: %s); retrying with backoff",
+                "%s of %s failed (%s: %s); retrying with backoff",
                 step,
-                self.node_name,
+                self.what,
                 what,
                 _describe(err),
                 exc_info=None if expected else err,
             )
         else:
             log.debug(
-                "pod %s for node %s failed again (%s), failure %d, next try in %.2fs",
+                "%s of %s failed again (%s), failure %d, next try in %.2fs",
                 step,
-                self.node_name,
+                self.what,
                 what,
                 self._streak,
                 delay,
@@ -406,28 +474,49 @@ class NodePodCache:
     def _succeeded(self) -> None:
         if self._streak:
             log.info(
-                "pod watch for node %s works again after %d failures",
-                self.node_name,
+                "watch of %s works again after %d failures",
+                self.what,
                 self._streak,
             )
             self._streak = 0
 
 
-def _diff(old: dict[str, Pod], new: dict[str, Pod]) -> list[tuple[str, Pod]]:
+class NodePodCache(WatchCache):
+    """The pods bound to `node_name` (field selector spec.nodeName)."""
+
+    def __init__(self, api_client: Any, node_name: str, **kwargs: Any) -> None:
+        if not node_name:
+            raise ValueError("node_name must not be empty")
+        super().__init__(api_client, "pods", field_selector=f"spec.nodeName={node_name}", **kwargs)
+        self.node_name = node_name
+
+    def pods(self) -> list[Pod]:
+        return self.objects()
+
+
+_KINDS = {"pods": "Pod", "secrets": "Secret", "configmaps": "ConfigMap"}
+
+
+def _name_of(obj: Obj) -> tuple[str, str]:
+    meta = obj.get("metadata") or {}
+    return str(meta.get("namespace") or ""), str(meta.get("name") or "")
+
+
+def _diff(old: dict[str, Obj], new: dict[str, Obj]) -> list[tuple[str, Obj]]:
     """What changed between two lists, as watch events (a relist replaces the cache)."""
-    changes: list[tuple[str, Pod]] = []
-    for uid, pod in new.items():
+    changes: list[tuple[str, Obj]] = []
+    for uid, obj in new.items():
         before = old.get(uid)
         if before is None:
-            changes.append(("ADDED", pod))
-        elif _rv(before) != _rv(pod):
-            changes.append(("MODIFIED", pod))
-    changes.extend(("DELETED", pod) for uid, pod in old.items() if uid not in new)
+            changes.append(("ADDED", obj))
+        elif _rv(before) != _rv(obj):
+            changes.append(("MODIFIED", obj))
+    changes.extend(("DELETED", obj) for uid, obj in old.items() if uid not in new)
     return changes
 
 
-def _rv(pod: Pod) -> Any:
-    return (pod.get("metadata") or {}).get("resourceVersion")
+def _rv(obj: Obj) -> Any:
+    return (obj.get("metadata") or {}).get("resourceVersion")
 
 
 def _is_network_error(err: BaseException) -> bool:
