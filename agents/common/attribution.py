@@ -228,17 +228,37 @@ def container_processes(container_id: str, proc_root: str | Path = "/proc") -> l
     refresher uses a PID to reach the container's root (`/proc/<pid>/root`).
     One scan reads every process's cgroup file: callers keep what they find.
     """
-    wanted = container_id.rpartition("://")[2]
-    if not wanted:
+    wanted = bare_container_id(container_id)
+    return processes_of_containers({wanted}, proc_root).get(wanted, [])
+
+
+def bare_container_id(container_id: str) -> str:
+    """`containerd://<id>` (a pod status's form) -> `<id>`; ValueError when empty."""
+    bare = container_id.rpartition("://")[2]
+    if not bare:
         raise ValueError("empty container ID")
-    found = []
+    return bare
+
+
+def processes_of_containers(
+    container_ids: set[str], proc_root: str | Path = "/proc"
+) -> dict[str, list[int]]:
+    """Bare container ID -> sorted PIDs in it, for every wanted ID that has any.
+
+    One pass over `<proc_root>`, however many containers are wanted.
+    """
+    found: dict[str, list[int]] = {}
+    if not container_ids:
+        return found
     for entry in os.scandir(proc_root):
         if not entry.name.isdigit():
             continue
         try:
             ref = read_cgroup(int(entry.name), proc_root)
         except (ProcessGone, AttributionError):
-            continue  # exited, or not a cgroup we understand: not this container
-        if ref is not None and ref.container_id == wanted:
-            found.append(int(entry.name))
-    return sorted(found)
+            continue  # exited, or not a cgroup we understand: not a wanted container
+        if ref is not None and ref.container_id in container_ids:
+            found.setdefault(ref.container_id, []).append(int(entry.name))
+    for pids in found.values():
+        pids.sort()
+    return found

@@ -17,7 +17,10 @@ from typing import IO, Any
 _SECRET_PATTERNS = (
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"),
     re.compile(
-        r"(?i)((?:access_token|refresh_token|client_secret|password|token)[\"']?\s*[:=]\s*[\"']?)"
+        # Not after "-", "/" or ".": "hello-token: cannot" and ".../oauth/token: 400"
+        # name a Secret or a URL, not a value.
+        r"(?i)((?<![\w./-])(?:access_token|refresh_token|client_secret|password|token)"
+        r"[\"']?\s*[:=]\s*[\"']?)"
         r"[^\s\"',}]+"
     ),
 )

@@ -1,24 +1,32 @@
 """`token-refresher`: roles, flags and env vars, wiring, and `main(argv) -> int`.
 
-Roles: `local` (one token file on one node, no Kubernetes). The cluster roles
-(the leader-elected `controller` and the per-node `injector`) come next.
+Roles:
+- `controller`: one active replica (a coordination.k8s.io Lease elects it)
+  refreshes every token Secret and writes the result back to it;
+- `injector`: one per node (DaemonSet), writes the access tokens into the
+  containers of the pods on its node that ask for them;
+- `local`: one token file on one node, no Kubernetes (debugging, the demo).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import socket
 import sys
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from prometheus_client import CollectorRegistry
 
 from agents import __version__
 from agents.common.agent import serving
+from agents.common.kube import KubeConfigError, load_api_client
 from agents.common.logs import setup_logging
 from agents.common.loop import Heartbeat, run_loop
 from agents.common.metrics import LoopMetrics
@@ -27,15 +35,29 @@ from agents.common.settings import (
     AgentArgumentParser,
     ConfigError,
     add_common_flags,
+    add_kube_flags,
     positive_float,
     redacted,
 )
+from agents.token_refresher.config import ControllerConfig, IdPConfig, InjectorConfig, LeaseConfig
 from agents.token_refresher.local import LocalConfig, LocalRefresher, refresher_for
-from agents.token_refresher.metrics import PREFIX, RefresherMetrics
-from agents.token_refresher.oauth import InsecureURLError, check_token_url, quiet_token_loggers
+from agents.token_refresher.metrics import (
+    PREFIX,
+    ControllerMetrics,
+    InjectorMetrics,
+    RefresherMetrics,
+)
+from agents.token_refresher.oauth import (
+    InsecureURLError,
+    Token,
+    check_token_url,
+    quiet_token_loggers,
+    refresh,
+)
 from agents.token_refresher.spec import SpecError, parse_mode
 
 PROG = "token-refresher"
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 log = logging.getLogger("agents.token_refresher")
 AUTH_METHODS = ("client_secret_basic", "client_secret_post")
 
@@ -57,6 +79,11 @@ def _octal_mode(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _url_list(text: str) -> tuple[str, ...]:
+    """Comma-separated URL prefixes (URLs hold colons: no colon splitting here)."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def build_parser(environ: Mapping[str, str] | None = None) -> AgentArgumentParser:
     parser = AgentArgumentParser(
         prog=PROG,
@@ -66,6 +93,90 @@ def build_parser(environ: Mapping[str, str] | None = None) -> AgentArgumentParse
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     roles = parser.add_subparsers(dest="role", required=True, metavar="ROLE")
+
+    controller = roles.add_parser(
+        "controller",
+        help="refresh every token Secret (one active replica, elected through a Lease)",
+        env_prefix="TOKEN_REFRESHER",
+        environ=environ,
+    )
+    add_common_flags(controller, interval=5.0, metrics_address=":9103")
+    add_kube_flags(controller, node_help="unused by the controller")
+    controller.add_argument(
+        "--token-url",
+        default="",
+        env="TOKEN_URL",
+        help="default token endpoint; a Secret may name its own (<prefix>/token-url)",
+    )
+    controller.add_argument(
+        "--allowed-token-urls",
+        type=_url_list,
+        default=(),
+        env="ALLOWED_TOKEN_URLS",
+        help="comma-separated URL prefixes a Secret's own token URL must start with "
+        "(default: any https URL)",
+    )
+    controller.add_argument(
+        "--namespace",
+        dest="namespaces",
+        action="append",
+        default=[],
+        env="NAMESPACES",
+        help="refresh token Secrets in this namespace only (repeatable; default: all)",
+    )
+    controller.add_argument(
+        "--lease-name", default="token-refresher", env="LEASE_NAME", help="leader election Lease"
+    )
+    controller.add_argument(
+        "--lease-namespace",
+        default="",
+        env="LEASE_NAMESPACE",
+        help="namespace of the Lease (default: the pod's own, else 'default')",
+    )
+    controller.add_argument(
+        "--identity",
+        default="",
+        env="IDENTITY",
+        help="this replica's name in the Lease (default: the host name)",
+    )
+    controller.add_argument(
+        "--lease-duration",
+        type=positive_float,
+        default=30.0,
+        env="LEASE_DURATION",
+        help="seconds a silent leader keeps the Lease",
+    )
+    controller.add_argument(
+        "--renew-interval",
+        type=positive_float,
+        default=5.0,
+        env="RENEW_INTERVAL",
+        help="seconds between Lease renewals (and candidates' attempts)",
+    )
+    _add_idp_flags(controller)
+
+    injector = roles.add_parser(
+        "injector",
+        help="write access tokens into the containers of this node's pods",
+        env_prefix="TOKEN_REFRESHER",
+        environ=environ,
+    )
+    add_common_flags(injector, interval=60.0, metrics_address=":9103")
+    add_kube_flags(injector, node_help="this node's name: only its pods get files")
+    injector.add_argument(
+        "--proc-root",
+        default="/proc",
+        env="PROC_ROOT",
+        help="the host's /proc (the pod needs hostPID)",
+    )
+    injector.add_argument(
+        "--workers",
+        type=_workers,
+        default=8,
+        env="WORKERS",
+        help="files written in parallel",
+    )
+
     local = roles.add_parser(
         "local",
         help="refresh one token file in place and render it to one output file",
@@ -107,6 +218,16 @@ def build_parser(environ: Mapping[str, str] | None = None) -> AgentArgumentParse
     return parser
 
 
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 64: {text!r}")
+    return value
+
+
 def _add_idp_flags(parser: AgentArgumentParser) -> None:
     parser.add_argument(
         "--ca-bundle",
@@ -142,6 +263,13 @@ def _add_idp_flags(parser: AgentArgumentParser) -> None:
         help="refresh at this share of the token lifetime",
     )
     parser.add_argument(
+        "--min-refresh-interval",
+        type=positive_float,
+        default=10.0,
+        env="MIN_REFRESH_INTERVAL",
+        help="never refresh one token sooner than this after it was issued (seconds)",
+    )
+    parser.add_argument(
         "--idle-window",
         type=positive_float,
         default=3600.0,
@@ -162,17 +290,63 @@ def main(
     """Run a role; returns the process exit code (2 on bad configuration)."""
     try:
         args = build_parser(environ).parse_args(argv)
-        check_token_url(args.token_url, allow_http=args.allow_http)
-        if not 0.1 <= args.refresh_fraction <= 0.85:
+        if args.role != "injector" and not 0.1 <= args.refresh_fraction <= 0.85:
             raise ConfigError("--refresh-fraction must be between 0.1 and 0.85")
-        client_secret = _read_secret(args.client_secret_file)
+        if args.role == "local":
+            check_token_url(args.token_url, allow_http=args.allow_http)
+            client_secret = _read_secret(args.client_secret_file)
+        elif args.role == "controller":
+            if args.token_url:
+                check_token_url(args.token_url, allow_http=args.allow_http)
+            if args.renew_interval >= args.lease_duration:
+                raise ConfigError("--renew-interval must be shorter than --lease-duration")
+        elif not args.node_name:
+            raise ConfigError("--node-name (or NODE_NAME) is required: only its pods get files")
+        api_client = None if args.role == "local" else _cluster(args.kubeconfig)
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else EXIT_BAD_CONFIG
-    except (ConfigError, InsecureURLError) as err:
+    except (ConfigError, InsecureURLError, KubeConfigError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     setup_logging(args.log_level, args.log_format)
     quiet_token_loggers()
+    registry = registry or CollectorRegistry()
+    run = _Run(registry, LoopMetrics(registry, PREFIX, __version__), stop, iterations)
+    if api_client is None:
+        return _local(args, client_secret, run)
+    try:
+        if args.role == "controller":
+            return _controller(args, api_client, run)
+        return _injector(args, api_client, run)
+    finally:
+        api_client.close()
+
+
+@dataclass(frozen=True)
+class _Run:
+    """How main() was asked to run a role (tests pass stop, iterations, registry)."""
+
+    registry: CollectorRegistry
+    loop_metrics: LoopMetrics
+    stop: threading.Event | None
+    iterations: int | None
+
+
+def _cluster(kubeconfig: str) -> Any:
+    api_client = load_api_client(kubeconfig or None)
+    if api_client is None:
+        raise ConfigError(
+            "this role needs a cluster: no --kubeconfig, no in-cluster config and no "
+            "$KUBECONFIG (use `local` on a node without Kubernetes)"
+        )
+    return api_client
+
+
+def _local(
+    args: argparse.Namespace,
+    client_secret: str,
+    run: _Run,
+) -> int:
     config = LocalConfig(
         token_file=args.token_file,
         out=args.out,
@@ -182,12 +356,11 @@ def main(
         mode=args.mode,
         refresh_fraction=args.refresh_fraction,
         idle_window=args.idle_window,
+        min_refresh_interval=args.min_refresh_interval,
     )
     log.info(
         "%s %s local starting with %s", PROG, __version__, json.dumps(redacted(config), default=str)
     )
-    registry = registry or CollectorRegistry()
-    loop_metrics = LoopMetrics(registry, PREFIX, __version__)
     refresher = LocalRefresher(
         config,
         refresh_fn=refresher_for(
@@ -199,23 +372,220 @@ def main(
             allow_http=args.allow_http,
             timeout=args.request_timeout,
         ),
-        metrics=RefresherMetrics(registry),
+        metrics=RefresherMetrics(run.registry),
     )
     if args.once:
         refresher.tick()
         return 0
     heartbeat = Heartbeat(max_age=3 * args.interval + 2 * args.request_timeout + 10)
     heartbeat.set_ready(True)
-    with serving(PROG, registry, heartbeat, args.metrics_address, stop=stop) as stop_event:
+    with serving(PROG, run.registry, heartbeat, args.metrics_address, stop=run.stop) as stop_event:
         run_loop(
             refresher.tick,
             interval=args.interval,
             stop=stop_event,
-            iterations=iterations,
-            metrics=loop_metrics,
+            iterations=run.iterations,
+            metrics=run.loop_metrics,
             heartbeat=heartbeat,
         )
     return 0
+
+
+def _controller_config(args: argparse.Namespace) -> ControllerConfig:
+    return ControllerConfig(
+        idp=IdPConfig(
+            token_url=args.token_url,
+            allowed_token_urls=tuple(args.allowed_token_urls),
+            ca_bundle=args.ca_bundle,
+            allow_http=args.allow_http,
+            auth_method=args.auth_method,
+            request_timeout=args.request_timeout,
+            refresh_fraction=args.refresh_fraction,
+            idle_window=args.idle_window,
+            min_refresh_interval=args.min_refresh_interval,
+        ),
+        lease=LeaseConfig(
+            name=args.lease_name,
+            namespace=args.lease_namespace or _own_namespace(),
+            identity=args.identity or socket.gethostname(),
+            duration=args.lease_duration,
+            renew_interval=args.renew_interval,
+        ),
+        namespaces=tuple(args.namespaces),
+        interval=args.interval,
+        dry_run=args.dry_run,
+    )
+
+
+def _own_namespace() -> str:
+    """The pod's namespace from its service account mount, else "default"."""
+    try:
+        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or "default"
+    except OSError:
+        return "default"
+
+
+def _controller(
+    args: argparse.Namespace,
+    api_client: Any,
+    run: _Run,
+) -> int:
+    from agents.common.kube import EventRecorder
+    from agents.common.leader import LeaderElector
+    from agents.token_refresher.controller import COMPONENT, Controller
+
+    config = _controller_config(args)
+    log.info(
+        "%s %s controller starting with %s",
+        PROG,
+        __version__,
+        json.dumps(redacted(config), default=str),
+    )
+    metrics = ControllerMetrics(run.registry)
+    elector = LeaderElector(
+        api_client,
+        name=config.lease.name,
+        namespace=config.lease.namespace,
+        identity=config.lease.identity,
+        lease_duration=config.lease.duration,
+        renew_interval=config.lease.renew_interval,
+        on_api_call=metrics.api_call,
+    )
+    idp = config.idp
+    controller = Controller(
+        api_client,
+        config,
+        refresh_fn=functools.partial(
+            _refresh_call,
+            auth_method=idp.auth_method,
+            verify=idp.ca_bundle or True,
+            allow_http=idp.allow_http,
+            timeout=idp.request_timeout,
+        ),
+        metrics=metrics,
+        elector=elector,
+        recorder=EventRecorder(api_client, COMPONENT, config.lease.identity),
+    )
+    heartbeat = Heartbeat(max_age=3 * args.interval + 2 * idp.request_timeout + 30)
+    controller.start()
+    try:
+        if args.once:
+            # By hand on a cluster: one pass, with the Lease (or not at all).
+            if not controller.wait_synced(30):
+                log.error("the token Secrets could not be listed within 30 s")
+                return 1
+            if not elector.try_acquire_or_renew():
+                log.warning("another replica holds Lease %s: nothing done", config.lease.name)
+                return 0
+            controller.tick()
+            elector.stop()
+            return 0
+        elector.start()
+        with serving(
+            PROG, run.registry, heartbeat, args.metrics_address, stop=run.stop
+        ) as stop_event:
+            # Ready once the Secrets are listed; a standby replica is ready too.
+            threading.Thread(
+                target=lambda: heartbeat.set_ready(controller.wait_synced(3600)),
+                name="ready",
+                daemon=True,
+            ).start()
+            run_loop(
+                controller.tick,
+                interval=args.interval,
+                stop=stop_event,
+                wake=controller.wake,
+                min_gap=0.05,
+                iterations=run.iterations,
+                metrics=run.loop_metrics,
+                heartbeat=heartbeat,
+            )
+        return 0
+    finally:
+        elector.stop()
+        controller.stop()
+
+
+def _refresh_call(
+    token_url: str,
+    token: Token,
+    client_id: str,
+    client_secret: str,
+    *,
+    auth_method: str,
+    verify: bool | str,
+    allow_http: bool,
+    timeout: float,
+) -> Token:
+    return refresh(
+        token_url,
+        token,
+        client_id,
+        client_secret,
+        auth_method=auth_method,
+        verify=verify,
+        allow_http=allow_http,
+        timeout=timeout,
+    )
+
+
+def _injector(
+    args: argparse.Namespace,
+    api_client: Any,
+    run: _Run,
+) -> int:
+    from agents.common.kube import EventRecorder
+    from agents.token_refresher.injector import COMPONENT, Injector
+
+    config = InjectorConfig(
+        node_name=args.node_name,
+        proc_root=args.proc_root,
+        interval=args.interval,
+        dry_run=args.dry_run,
+        workers=args.workers,
+    )
+    log.info(
+        "%s %s injector starting with %s",
+        PROG,
+        __version__,
+        json.dumps(redacted(config), default=str),
+    )
+    injector = Injector(
+        api_client,
+        config,
+        metrics=InjectorMetrics(run.registry),
+        recorder=EventRecorder(api_client, COMPONENT, config.node_name),
+    )
+    heartbeat = Heartbeat(max_age=3 * args.interval + 60)
+    injector.start()
+    try:
+        if args.once:
+            if not injector.pods.wait_synced(30):
+                log.error("this node's pods could not be listed within 30 s")
+                return 1
+            injector.tick()
+            return 0
+        with serving(
+            PROG, run.registry, heartbeat, args.metrics_address, stop=run.stop
+        ) as stop_event:
+            threading.Thread(
+                target=lambda: heartbeat.set_ready(injector.pods.wait_synced(3600)),
+                name="ready",
+                daemon=True,
+            ).start()
+            run_loop(
+                injector.tick,
+                interval=min(args.interval, 5.0),
+                stop=stop_event,
+                wake=injector.wake,
+                min_gap=0.05,
+                iterations=run.iterations,
+                metrics=run.loop_metrics,
+                heartbeat=heartbeat,
+            )
+        return 0
+    finally:
+        injector.stop()
 
 
 def _read_secret(path: str) -> str:

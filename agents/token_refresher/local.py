@@ -51,6 +51,7 @@ class LocalConfig:
     idle_window: float = 3600.0
     """Refresh a token without expiry at least this often, so offline refresh
     tokens do not idle out."""
+    min_refresh_interval: float = 10.0
 
 
 @dataclass
@@ -119,7 +120,10 @@ class LocalRefresher:
         state = self._state
         state.token, state.digest = token, digest
         state.due = token.refresh_due(
-            now, fraction=self.config.refresh_fraction, idle_window=self.config.idle_window
+            now,
+            fraction=self.config.refresh_fraction,
+            idle_window=self.config.idle_window,
+            min_interval=self.config.min_refresh_interval,
         )
         state.failures, state.retry_at = 0, 0.0
 

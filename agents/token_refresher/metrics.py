@@ -1,4 +1,8 @@
-"""Prometheus metrics of the token refresher (prefix `token_refresher_`)."""
+"""Prometheus metrics of the token refresher (prefix `token_refresher_`).
+
+Each role exports what it does: the controller refreshes and writes Secrets,
+the injector writes files, local mode does both on one node.
+"""
 
 from __future__ import annotations
 
@@ -7,31 +11,114 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 PREFIX = "token_refresher"
 
 
+def _refreshes(registry: CollectorRegistry) -> Counter:
+    counter = Counter(
+        f"{PREFIX}_refreshes",
+        "Refresh attempts by result: ok, or the failure's kind (invalid_grant, "
+        "invalid_client, timeout, connection, http_5xx, rate_limited, bad_response, tls, "
+        "bad_token, bad_secret, token_file, ...).",
+        ["result"],
+        registry=registry,
+    )
+    counter.labels("ok")
+    return counter
+
+
+def _seconds_to_expiry(registry: CollectorRegistry) -> Gauge:
+    return Gauge(
+        f"{PREFIX}_seconds_to_expiry",
+        "Seconds until the current access token expires (negative: expired); "
+        "token is namespace/name of the Secret, or the token file's name.",
+        ["token"],
+        registry=registry,
+    )
+
+
+def _files_written(registry: CollectorRegistry) -> Counter:
+    return Counter(
+        f"{PREFIX}_files_written",
+        "Token files written (unchanged content is not rewritten).",
+        registry=registry,
+    )
+
+
+def _injection_failures(registry: CollectorRegistry) -> Counter:
+    return Counter(
+        f"{PREFIX}_injection_failures",
+        "Token files that could not be written, by reason.",
+        ["reason"],
+        registry=registry,
+    )
+
+
+def _api_calls(registry: CollectorRegistry) -> Counter:
+    return Counter(
+        f"{PREFIX}_api_calls",
+        "Kubernetes API requests by verb and resource (a watch counts once, when opened).",
+        ["verb", "resource"],
+        registry=registry,
+    )
+
+
 class RefresherMetrics:
+    """Local mode: refreshes one token file and writes one output file."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.refreshes = Counter(
-            f"{PREFIX}_refreshes",
-            "Refresh attempts by result: ok, or the failure's kind (invalid_grant, "
-            "invalid_client, timeout, connection, http_5xx, rate_limited, bad_response, tls, "
-            "bad_token, token_file).",
-            ["result"],
+        self.refreshes = _refreshes(registry)
+        self.seconds_to_expiry = _seconds_to_expiry(registry)
+        self.files_written = _files_written(registry)
+        self.injection_failures = _injection_failures(registry)
+
+
+class ControllerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.refreshes = _refreshes(registry)
+        self.seconds_to_expiry = _seconds_to_expiry(registry)
+        self.api_calls = _api_calls(registry)
+        self.leader = Gauge(
+            f"{PREFIX}_leader",
+            "1 while this replica holds the Lease and refreshes tokens.",
             registry=registry,
         )
-        self.seconds_to_expiry = Gauge(
-            f"{PREFIX}_seconds_to_expiry",
-            "Seconds until the current access token expires (negative: expired).",
-            ["token"],
+        self.token_secrets = Gauge(
+            f"{PREFIX}_token_secrets",
+            "Token Secrets watched, by state: ok, retrying (transient failures), "
+            "stopped (a final error: waits for the Secret to change), invalid.",
+            ["state"],
             registry=registry,
         )
-        self.files_written = Counter(
-            f"{PREFIX}_files_written",
-            "Token files written (unchanged content is not rewritten).",
+        self.write_conflicts = Counter(
+            f"{PREFIX}_secret_write_conflicts",
+            "Secret writes refused with 409 Conflict (stale resourceVersion) and retried.",
             registry=registry,
         )
-        self.injection_failures = Counter(
-            f"{PREFIX}_injection_failures",
-            "Token files that could not be written, by reason.",
-            ["reason"],
+        self.unpersisted = Gauge(
+            f"{PREFIX}_unpersisted_tokens",
+            "Refreshed tokens not yet written to their Secret (retried every pass).",
             registry=registry,
         )
-        self.refreshes.labels("ok")
+
+    def api_call(self, verb: str, resource: str) -> None:
+        self.api_calls.labels(verb, resource).inc()
+
+
+class InjectorMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.files_written = _files_written(registry)
+        self.injection_failures = _injection_failures(registry)
+        self.api_calls = _api_calls(registry)
+        self.files = Gauge(
+            f"{PREFIX}_files",
+            "Token files this injector keeps, by state: ok, failing, waiting "
+            "(container not running yet, Secret not seen yet).",
+            ["state"],
+            registry=registry,
+        )
+        self.write_seconds = Gauge(
+            f"{PREFIX}_last_pass_seconds",
+            "Duration of the last pass that wrote or checked files.",
+            registry=registry,
+        )
+
+    def api_call(self, verb: str, resource: str) -> None:
+        self.api_calls.labels(verb, resource).inc()

@@ -50,7 +50,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -231,6 +231,8 @@ class TokenCall:
     grant_type: str
     client_auth: str  # "basic" (Authorization header), "post" (form body) or "none"
     scheme: str  # "http" or "https"
+    # The refresh token presented (refresh_token grant), to check chains; never shown.
+    refresh_token: str = field(default="", repr=False)
 
 
 class TestIdP:
@@ -534,7 +536,10 @@ class TestIdP:
                 elif "client_secret" in form:
                     client_auth = "post"
                 call = TokenCall(
-                    form.get("grant_type", ""), client_auth, environ["wsgi.url_scheme"]
+                    form.get("grant_type", ""),
+                    client_auth,
+                    environ["wsgi.url_scheme"],
+                    form.get("refresh_token", ""),
                 )
                 with self._lock:
                     self.calls.append(call)
