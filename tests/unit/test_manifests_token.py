@@ -1,0 +1,615 @@
+"""Static checks: manifests/token-refresher agrees with the code of `token-refresher`.
+
+Like test_manifests.py for the mount healer and test_manifests_gpu.py for the
+GPU enforcer: an env var a role does not read, a command that is no console
+script, a probe on the wrong port, an RBAC rule wider than the role needs, a
+capability too many, or a user example the parser rejects deploys fine and
+fails (or over-grants) on the cluster; these tests catch it in CI instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+import yaml
+
+from agents.token_refresher import spec
+from agents.token_refresher.cli import build_parser
+from agents.token_refresher.oauth import Token, check_token_url
+from tests.unit.test_manifests import (
+    EVENT_GROUPS,
+    EVENT_VERBS,
+    NAMESPACE,
+    REPO,
+    Doc,
+    console_scripts,
+    load_docs,
+    plain_env,
+)
+
+BASE = REPO / "manifests" / "token-refresher"
+SAMPLE = "example.yaml"
+ENV_PREFIX = "TOKEN_REFRESHER_"
+APP = "token-refresher"
+CONTAINER = "token-refresher"
+DEFAULT_METRICS_PORT = 9103
+ROLES = ("controller", "injector")
+WORKLOAD_KIND = {"controller": "Deployment", "injector": "DaemonSet"}
+ACCOUNT = {role: f"{APP}-{role}" for role in ROLES}
+COMPONENT = "app.kubernetes.io/component"
+
+# What the kubelet would put in downward-API env vars, for parsing them.
+DOWNWARD_SAMPLES = {
+    "metadata.name": "token-refresher-controller-5d8c9b7f4-x7k2q",
+    "metadata.namespace": NAMESPACE,
+    "spec.nodeName": "node-1.example.org",
+}
+
+# Everything each ServiceAccount may do, and no more:
+# (scope, apiGroup, resource, resourceNames) -> verbs, where scope is
+# "cluster" for a ClusterRoleBinding or the namespace of a RoleBinding.
+Grant = tuple[str, str, str, tuple[str, ...]]
+EVENT_RULES: dict[Grant, set[str]] = {
+    ("cluster", group, "events", ()): EVENT_VERBS for group in EVENT_GROUPS
+}
+CONTROLLER_RULES: dict[Grant, set[str]] = {
+    ("cluster", "", "secrets", ()): {"get", "list", "watch", "update", "patch"},
+    ("cluster", "", "pods", ()): {"list"},
+    **EVENT_RULES,
+}
+INJECTOR_RULES: dict[Grant, set[str]] = {
+    ("cluster", "", "pods", ()): {"get", "list", "watch"},
+    ("cluster", "", "secrets", ()): {"get", "list", "watch"},
+    ("cluster", "", "configmaps", ()): {"get"},
+    **EVENT_RULES,
+}
+INJECTOR_CAPABILITIES = {"SYS_PTRACE", "CHOWN", "FOWNER", "DAC_OVERRIDE"}
+WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
+# Subresources that would run code in, or read from, a container through the API.
+FORBIDDEN_RESOURCES = {"pods/exec", "pods/attach", "pods/portforward", "nodes/proxy"}
+
+
+def kustomization() -> Doc:
+    (doc,) = load_docs(BASE / "kustomization.yaml")
+    return doc
+
+
+def base_objects() -> list[Doc]:
+    """The objects the kustomization lists, in order, as written (not rendered)."""
+    return [doc for name in kustomization()["resources"] for doc in load_docs(BASE / name)]
+
+
+def only(kind: str, docs: list[Doc] | None = None) -> Doc:
+    matches = [d for d in (base_objects() if docs is None else docs) if d["kind"] == kind]
+    assert len(matches) == 1, f"expected one {kind}, found {len(matches)}"
+    return matches[0]
+
+
+def named(kind: str, name: str, docs: list[Doc] | None = None) -> Doc:
+    matches = [
+        d
+        for d in (base_objects() if docs is None else docs)
+        if d["kind"] == kind and d["metadata"]["name"] == name
+    ]
+    assert len(matches) == 1, f"expected one {kind} {name}, found {len(matches)}"
+    return matches[0]
+
+
+def workload(role: str, docs: list[Doc] | None = None) -> Doc:
+    return only(WORKLOAD_KIND[role], docs)
+
+
+def pod_spec(role: str) -> Doc:
+    spec_: Doc = workload(role)["spec"]["template"]["spec"]
+    return spec_
+
+
+def container(role: str) -> Doc:
+    found: list[Doc] = [c for c in pod_spec(role)["containers"] if c["name"] == CONTAINER]
+    assert len(found) == 1, f"expected one container {CONTAINER} in the {role}"
+    return found[0]
+
+
+def resolved_env(role: str) -> dict[str, str]:
+    """The container's env as the kubelet would set it (downward API filled in)."""
+    env: dict[str, str] = {}
+    for entry in container(role).get("env", []):
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+            continue
+        field = entry["valueFrom"]["fieldRef"]["fieldPath"]
+        assert field in DOWNWARD_SAMPLES, f"{entry['name']}: unexpected valueFrom {entry}"
+        env[entry["name"]] = DOWNWARD_SAMPLES[field]
+    return env
+
+
+def downward_fields(role: str) -> dict[str, str]:
+    return {
+        e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"]
+        for e in container(role).get("env", [])
+        if "valueFrom" in e
+    }
+
+
+def role_parser(environ: dict[str, str], role: str) -> argparse.ArgumentParser:
+    """The sub-parser of one role, built with `environ` (for its help text)."""
+    parser = build_parser(environ)
+    (roles,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    sub: argparse.ArgumentParser = roles.choices[role]
+    return sub
+
+
+def parsed(environ: dict[str, str], role: str) -> argparse.Namespace:
+    try:
+        return build_parser(environ).parse_args([role])
+    except SystemExit:
+        pytest.fail(f"`token-refresher {role}` rejects its environment {sorted(environ)}")
+
+
+def pod_labels(role: str, docs: list[Doc] | None = None) -> dict[str, str]:
+    labels: dict[str, str] = workload(role, docs)["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def sample(kind: str) -> Doc:
+    return only(kind, load_docs(BASE / SAMPLE))
+
+
+def sample_token() -> Token:
+    token_secret = spec.parse_token_secret(sample("Secret"))
+    return Token.from_json(token_secret.token_json, now=1_700_000_000.0)
+
+
+def granted_to(account: str, docs: list[Doc]) -> dict[Grant, set[str]]:
+    """What the bindings in `docs` give the ServiceAccount `account`, rule by rule."""
+    roles = {(d["kind"], d["metadata"]["name"]): d for d in docs if d["kind"].endswith("Role")}
+    granted: dict[Grant, set[str]] = {}
+    for binding in (d for d in docs if d["kind"].endswith("RoleBinding")):
+        subject = {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}
+        if subject not in binding["subjects"]:
+            continue
+        assert binding["roleRef"]["apiGroup"] == "rbac.authorization.k8s.io"
+        role = roles[(binding["roleRef"]["kind"], binding["roleRef"]["name"])]
+        # A Role (and a RoleBinding) lives in the base's namespace; kustomize sets it.
+        scope = "cluster" if binding["kind"] == "ClusterRoleBinding" else NAMESPACE
+        for rule in role["rules"]:
+            names = tuple(sorted(rule.get("resourceNames", [])))
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    granted.setdefault((scope, group, resource, names), set()).update(rule["verbs"])
+    return granted
+
+
+def comment_text(path: Path) -> str:
+    """The comments of a YAML file, one line each, without the `#`."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return "\n".join(line.split("#", 1)[1] for line in lines if "#" in line)
+
+
+role_params = pytest.mark.parametrize("role", ROLES)
+
+
+# --- (a) the YAML as written ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted(BASE.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_yaml_document_is_a_kubernetes_object(path: Path) -> None:
+    docs = load_docs(path)
+    assert docs, f"{path.name} has no YAML documents"
+    for doc in docs:
+        assert isinstance(doc, dict), f"{path.name}: a document is not a mapping"
+        assert doc.get("apiVersion") and doc.get("kind"), f"{path.name}: no apiVersion/kind"
+
+
+def test_kustomization_lists_existing_files_and_all_of_them() -> None:
+    kust = kustomization()
+    listed = kust["resources"]
+    for name in listed:
+        assert (BASE / name).is_file(), f"kustomization lists missing file {name}"
+    on_disk = {p.name for p in BASE.glob("*.yaml")} - {"kustomization.yaml", SAMPLE}
+    assert on_disk == set(listed), "every manifest except the user example is a resource"
+    assert SAMPLE not in listed, "the example belongs in a user's namespace"
+    assert kust["namespace"] == NAMESPACE
+    (labels,) = kust["labels"]
+    assert labels["pairs"] == {
+        "app.kubernetes.io/name": APP,
+        "app.kubernetes.io/part-of": NAMESPACE,
+    }
+    assert labels["includeSelectors"] is True
+
+
+@role_params
+def test_command_is_the_console_script_and_the_role(role: str) -> None:
+    assert APP in console_scripts()
+    # The agent is PID 1 of its container, no wrapper; the role picks the sub-command.
+    assert container(role)["command"] == [APP, role]
+    # The role exists (parsing with no environment at all).
+    assert parsed({}, role).role == role
+
+
+@role_params
+def test_env_vars_are_flags_of_the_role(role: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Wide help so that no env var name is wrapped across lines.
+    monkeypatch.setenv("COLUMNS", "1000")
+    env = resolved_env(role)
+    assert f"{ENV_PREFIX}LOG_FORMAT" in env
+    defaults = vars(parsed({}, role))
+    for name, value in env.items():
+        # Only the role's own variables, and the bare NODE_NAME of add_kube_flags.
+        assert name.startswith(ENV_PREFIX) or name == "NODE_NAME", f"{name} is read by nobody"
+        assert name in role_parser({}, role).format_help(), f"{name} is no env var of {role}"
+        # The value lands: it changes what the role parses, and nothing else fails.
+        changed = {k: v for k, v in vars(parsed({name: value}, role)).items() if defaults[k] != v}
+        assert changed, f"{name}={value!r} changes nothing in `token-refresher {role}`"
+
+
+def test_controller_env_values_land() -> None:
+    env = resolved_env("controller")
+    args = parsed(env, "controller")
+    assert args.identity == DOWNWARD_SAMPLES["metadata.name"]
+    assert args.lease_namespace == NAMESPACE
+    assert args.token_url == env[f"{ENV_PREFIX}TOKEN_URL"]
+    assert args.log_format == "json"
+    assert args.metrics_address.port == DEFAULT_METRICS_PORT
+    # What `main` checks before starting: https, a host.
+    check_token_url(args.token_url, allow_http=args.allow_http)
+    assert not args.allow_http
+    assert not args.dry_run and not args.once
+
+
+def test_injector_env_values_land() -> None:
+    args = parsed(resolved_env("injector"), "injector")
+    assert args.node_name == DOWNWARD_SAMPLES["spec.nodeName"]
+    assert args.log_format == "json"
+    # hostPID: the container's own /proc shows the host's processes.
+    assert args.proc_root == "/proc"
+    assert not args.dry_run and not args.once
+
+
+@pytest.mark.parametrize("path", sorted(BASE.glob("*.yaml")), ids=lambda p: p.name)
+def test_env_vars_named_in_comments_are_flags_too(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Commented-out settings (CA bundle, allowed token URLs) are uncommented by
+    # operators as they are: a typo there would be read by nobody.
+    monkeypatch.setenv("COLUMNS", "1000")
+    named_roles = [r for r in ROLES if path.stem == r] or list(ROLES)
+    helps = "".join(role_parser({}, r).format_help() for r in named_roles)
+    for name in set(re.findall(rf"{ENV_PREFIX}[A-Z0-9_]+", path.read_text(encoding="utf-8"))):
+        assert f"[env {name}]" in helps, f"{path.name}: {name} is no env var of {named_roles}"
+
+
+def test_downward_api_gives_identity_lease_namespace_and_node() -> None:
+    assert downward_fields("controller") == {
+        f"{ENV_PREFIX}IDENTITY": "metadata.name",
+        f"{ENV_PREFIX}LEASE_NAMESPACE": "metadata.namespace",
+    }
+    assert downward_fields("injector") == {"NODE_NAME": "spec.nodeName"}
+
+
+def test_token_url_is_a_placeholder_with_cerns_in_a_comment() -> None:
+    url = plain_env(container("controller"))[f"{ENV_PREFIX}TOKEN_URL"]
+    assert url.startswith("https://auth.example.org/"), "a placeholder the operator must set"
+    comments = comment_text(BASE / "controller.yaml")
+    assert "https://auth.cern.ch/auth/realms/cern/protocol/openid-connect/token" in comments
+    check_token_url(url)
+
+
+def test_optional_ca_bundle_is_a_consistent_commented_example() -> None:
+    comments = comment_text(BASE / "controller.yaml")
+    bundle = re.search(rf"{ENV_PREFIX}CA_BUNDLE\s+value: (\S+)", comments)
+    mount = re.search(r"name: ca-bundle\s+mountPath: (\S+)\s+readOnly: true", comments)
+    volume = re.search(r"name: ca-bundle\s+configMap:\s+name: (\S+)", comments)
+    assert bundle and mount and volume, "the commented CA bundle example is incomplete"
+    assert str(PurePosixPath(bundle.group(1)).parent) == mount.group(1)
+    assert volume.group(1) == "token-refresher-ca"
+    # Commented out by default: the system store is used.
+    assert f"{ENV_PREFIX}CA_BUNDLE" not in resolved_env("controller")
+    assert "volumes" not in pod_spec("controller")
+
+
+def test_controller_is_one_leader_and_a_warm_standby() -> None:
+    deployment = workload("controller")
+    assert deployment["spec"]["replicas"] == 2
+    strategy = deployment["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate"
+    # A Lease candidate stays Ready throughout a rollout.
+    assert strategy["rollingUpdate"]["maxUnavailable"] == 0
+    # The refresh in flight (IdP request, then the Secret write) fits in the grace.
+    args = parsed(resolved_env("controller"), "controller")
+    assert pod_spec("controller")["terminationGracePeriodSeconds"] > args.request_timeout
+    # A leader stops being one after --lease-duration; renewals must come well before.
+    assert args.renew_interval < args.lease_duration
+
+
+def test_controller_has_no_privilege() -> None:
+    spec_ = pod_spec("controller")
+    for host in ("hostPID", "hostNetwork", "hostIPC"):
+        assert not spec_.get(host, False), host
+    assert not any("hostPath" in v for v in spec_.get("volumes", []))
+    context = container("controller")["securityContext"]
+    assert context.get("privileged", False) is False
+    assert context["runAsNonRoot"] is True
+    assert context["runAsUser"] == 65532
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["capabilities"] == {"drop": ["ALL"]}, "no capability added"
+    assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+def test_injector_has_exactly_what_writing_into_containers_needs() -> None:
+    spec_ = pod_spec("injector")
+    # /proc/<pid>/root and /proc/<pid>/cgroup of other pods' processes.
+    assert spec_["hostPID"] is True
+    assert not spec_.get("hostNetwork", False)
+    assert not spec_.get("hostIPC", False)
+    # Everything goes through /proc: no host directory is mounted in.
+    assert not any("hostPath" in v for v in spec_.get("volumes", []))
+    context = container("injector")["securityContext"]
+    assert context.get("privileged", False) is False
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+    # Capabilities in Kubernetes' `add` are effective for uid 0 only.
+    assert context["runAsUser"] == 0
+    assert context["capabilities"]["drop"] == ["ALL"]
+    added = context["capabilities"]["add"]
+    assert len(added) == len(set(added))
+    assert set(added) == INJECTOR_CAPABILITIES
+    assert "DAC_READ_SEARCH" not in added, "DAC_OVERRIDE already covers it"
+
+
+def test_injector_runs_on_every_node() -> None:
+    daemonset = workload("injector")
+    spec_ = pod_spec("injector")
+    assert spec_["tolerations"] == [{"operator": "Exists"}]
+    assert "nodeSelector" not in spec_
+    assert daemonset["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": "10%"},
+    }
+
+
+def test_workloads_select_their_own_pods_only() -> None:
+    for role in ROLES:
+        selector = workload(role)["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= pod_labels(role).items(), role
+        assert pod_labels(role)[COMPONENT] == role
+        (other,) = [r for r in ROLES if r != role]
+        assert not selector.items() <= pod_labels(other).items(), f"{role} selects {other} pods"
+    # The standby is kept off the leader's node (where possible).
+    terms = pod_spec("controller")["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    (term,) = [t["podAffinityTerm"] for t in terms]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"].items() <= pod_labels("controller").items()
+
+
+def test_resources_are_modest_and_have_no_cpu_limit() -> None:
+    controller = container("controller")["resources"]
+    assert controller["requests"] == {"cpu": "50m", "memory": "64Mi"}
+    assert controller["limits"] == {"memory": "256Mi"}
+    injector = container("injector")["resources"]
+    assert set(injector["requests"]) == {"cpu", "memory"}
+    assert set(injector["limits"]) == {"memory"}, "no CPU limit (throttling delays writes)"
+
+
+@role_params
+def test_probes_use_the_health_endpoints_on_the_metrics_port(role: str) -> None:
+    c = container(role)
+    (metrics,) = [p for p in c["ports"] if p["name"] == "metrics"]
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = c[probe]["httpGet"]
+        assert get["path"] == path, probe
+        assert get["port"] in ("metrics", metrics["containerPort"]), probe
+
+
+@role_params
+def test_metrics_port_is_the_port_the_agent_listens_on(role: str) -> None:
+    env = resolved_env(role)
+    expected = parsed(env, role).metrics_address.port
+    if f"{ENV_PREFIX}METRICS_ADDRESS" not in env:
+        assert expected == DEFAULT_METRICS_PORT
+    (metrics,) = [p for p in container(role)["ports"] if p["name"] == "metrics"]
+    assert metrics["containerPort"] == expected
+    assert "hostPort" not in metrics
+
+
+def test_service_accounts_one_per_role() -> None:
+    accounts = [d for d in base_objects() if d["kind"] == "ServiceAccount"]
+    assert sorted(a["metadata"]["name"] for a in accounts) == sorted(ACCOUNT.values())
+    for account in accounts:
+        # Both roles talk to the API server with their own token.
+        assert account["automountServiceAccountToken"] is True
+    for role in ROLES:
+        assert pod_spec(role)["serviceAccountName"] == ACCOUNT[role]
+
+
+def test_rbac_rules_are_well_formed_and_narrow() -> None:
+    docs = load_docs(BASE / "rbac.yaml")
+    assert {d["kind"] for d in docs} == {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+    for role in (d for d in docs if d["kind"] in ("ClusterRole", "Role")):
+        for rule in role["rules"]:
+            # No nonResourceURLs, no aggregation, nothing but these keys.
+            assert set(rule) <= {"apiGroups", "resources", "verbs", "resourceNames"}, rule
+            for key in ("apiGroups", "resources", "verbs", "resourceNames"):
+                for item in rule.get(key, []):
+                    assert "*" not in item, f"wildcard in {key}: {rule}"
+            assert not FORBIDDEN_RESOURCES & set(rule["resources"]), rule
+            assert "nodes" not in rule["resources"], rule
+    for binding in (d for d in docs if d["kind"].endswith("RoleBinding")):
+        # Each binding names its role and one account of this base.
+        assert binding["roleRef"]["name"] == binding["metadata"]["name"]
+        (subject,) = binding["subjects"]
+        assert subject["kind"] == "ServiceAccount"
+        assert subject["name"] in ACCOUNT.values()
+        assert subject["namespace"] == NAMESPACE
+
+
+def test_rbac_is_exactly_what_each_account_uses() -> None:
+    docs = load_docs(BASE / "rbac.yaml")
+    lease_name = parsed(resolved_env("controller"), "controller").lease_name
+    leader_rules: dict[Grant, set[str]] = {
+        # `create` cannot be limited by resourceNames (the object has no name yet).
+        (NAMESPACE, "coordination.k8s.io", "leases", ()): {"create"},
+        # Everything else on the one Lease the controller uses.
+        (NAMESPACE, "coordination.k8s.io", "leases", (lease_name,)): {"get", "update"},
+    }
+    assert granted_to(ACCOUNT["controller"], docs) == {**CONTROLLER_RULES, **leader_rules}
+    injector = granted_to(ACCOUNT["injector"], docs)
+    assert injector == INJECTOR_RULES
+    # Spelled out: only the leader-elected controller ever writes a Secret.
+    assert not injector[("cluster", "", "secrets", ())] & WRITE_VERBS
+
+
+def test_leader_role_is_namespaced_where_the_lease_is() -> None:
+    # The Lease namespace is the pod's own (downward API), i.e. the base's namespace,
+    # where kustomize puts the Role and the RoleBinding.
+    assert downward_fields("controller")[f"{ENV_PREFIX}LEASE_NAMESPACE"] == "metadata.namespace"
+    role = named("Role", "token-refresher-leader")
+    assert role["metadata"].get("namespace", NAMESPACE) == NAMESPACE
+    binding = named("RoleBinding", "token-refresher-leader")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "token-refresher-leader",
+    }
+
+
+def test_podmonitor_scrapes_both_workloads_on_the_metrics_port() -> None:
+    monitor = only("PodMonitor")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    for role in ROLES:
+        assert selector.items() <= pod_labels(role).items(), f"the {role} is not scraped"
+        assert [p["name"] for p in container(role)["ports"]] == ["metrics"]
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint == {"port": "metrics", "path": "/metrics", "interval": "15s"}
+    assert monitor["spec"]["podTargetLabels"] == [COMPONENT]
+
+
+# --- the user example (not a resource) ----------------------------------------------
+
+
+def test_example_holds_a_secret_a_template_and_a_pod() -> None:
+    docs = load_docs(BASE / SAMPLE)
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "Pod", "Secret"]
+    for doc in docs:
+        # Applied in the user's namespace, not the agents'.
+        assert "namespace" not in doc["metadata"], doc["kind"]
+
+
+def test_example_secret_is_a_token_secret_with_fake_values() -> None:
+    secret = sample("Secret")
+    assert spec.is_token_secret(secret)
+    # The annotation key of oauth2-refresh-controller, as existing users have it.
+    assert secret["metadata"]["annotations"] == {f"{spec.CERN_PREFIX}/{spec.IS_TOKEN}": "true"}
+    assert "data" not in secret, "stringData, so that the example is readable"
+    parsed_secret = spec.parse_token_secret(secret)
+    assert parsed_secret.token_key == "oauth"
+    assert parsed_secret.token_url == "", "the controller's default endpoint"
+    token = sample_token()
+    assert token.refresh_token, "nothing to refresh with"
+    assert token.expires_at is not None
+    # Obviously fake: nobody mistakes them for credentials (or pastes real ones here).
+    for value in (token.access_token, token.refresh_token, parsed_secret.client_secret):
+        assert "FAKE" in value
+
+
+def test_example_pod_asks_for_the_eos_file_in_its_own_container() -> None:
+    pod = sample("Pod")
+    annotations = pod["metadata"]["annotations"]
+    assert f"{spec.OUR_PREFIX}/{spec.TO_INJECT}" in annotations
+    (injection,) = spec.parse_to_inject(annotations)
+    assert injection.secret_name == sample("Secret")["metadata"]["name"]
+    assert injection.template_config_map == sample("ConfigMap")["metadata"]["name"]
+    containers = {c["name"]: c for c in pod["spec"]["containers"]}
+    assert injection.container in containers, "the file would go to no container"
+    # The defaults: /tmp/oauthtk_<owner>, 0400, owned by the uid the pod runs as.
+    assert injection.owner == pod["spec"]["securityContext"]["runAsUser"]
+    assert injection.group == injection.owner
+    assert injection.path == f"/tmp/oauthtk_{injection.owner}"
+    assert injection.mode == spec.DEFAULT_MODE
+    # eosxd and the EOS clients read the token from the file named here.
+    env = plain_env(containers[injection.container])
+    assert env["OAUTH2_TOKEN"] == f"FILE:{injection.path}"
+
+
+def test_example_optional_fields_in_the_comment_parse() -> None:
+    comments = " ".join(comment_text(BASE / SAMPLE).split())
+    match = re.search(r"e\.g\. (\{[^}]*\})", comments)
+    assert match, "the example of the optional fields is gone"
+    entry: dict[str, Any] = json.loads(match.group(1))
+    assert {"path", "mode"} <= set(entry)
+    key = f"{spec.OUR_PREFIX}/{spec.TO_INJECT}"
+    (injection,) = spec.parse_to_inject({key: json.dumps([entry])})
+    assert injection.path == entry["path"]
+    assert injection.mode == int(entry["mode"], 8)
+
+
+def test_example_template_renders_the_eos_format() -> None:
+    config_map = sample("ConfigMap")
+    name = config_map["metadata"]["name"]
+    template = spec.template_of(config_map, name)
+    token = sample_token()
+    assert (
+        spec.render(template, token)
+        == (
+            f"oauth2:{token.access_token}:"
+            "auth.cern.ch/auth/realms/cern/protocol/openid-connect/userinfo"
+        ).encode()
+    )
+
+
+# --- (b) the rendered kustomization --------------------------------------------------
+
+
+@pytest.mark.skipif(
+    shutil.which("kubectl") is None,
+    reason="kubectl not on PATH: cannot render the kustomization (`kubectl kustomize`)",
+)
+def test_kustomize_renders_the_base() -> None:
+    result = subprocess.run(
+        ["kubectl", "kustomize", str(BASE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d is not None]
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(
+        ["ServiceAccount"] * 2
+        + ["ClusterRole", "ClusterRoleBinding"] * 2
+        + ["Role", "RoleBinding", "Deployment", "DaemonSet", "PodMonitor"]
+    )
+    for doc in docs:
+        if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+            assert doc["metadata"]["namespace"] == NAMESPACE, doc["kind"]
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == NAMESPACE
+        assert doc["metadata"]["labels"]["app.kubernetes.io/name"] == APP
+
+    for role in ROLES:
+        labels = pod_labels(role, docs)
+        selector = workload(role, docs)["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= labels.items(), role
+        (other,) = [r for r in ROLES if r != role]
+        assert not selector.items() <= pod_labels(other, docs).items(), role
+        # Kustomize does not rewrite PodMonitor selectors: they must still match the pods.
+        monitor_selector = only("PodMonitor", docs)["spec"]["selector"]["matchLabels"]
+        assert monitor_selector.items() <= labels.items(), role
+    # The bindings' subjects follow the rendered namespace.
+    for binding in (d for d in docs if d["kind"].endswith("RoleBinding")):
+        (subject,) = binding["subjects"]
+        assert subject["namespace"] == NAMESPACE
+    # The permissions per account are unchanged by rendering.
+    assert granted_to(ACCOUNT["injector"], docs) == INJECTOR_RULES
+    assert granted_to(ACCOUNT["controller"], docs).keys() >= CONTROLLER_RULES.keys()
