@@ -111,6 +111,9 @@ class _State:
     pending_from: str = ""
     """The refresh token `pending` was obtained with."""
     state: str = "ok"
+    version: str = ""
+    version_digest: bytes = b""
+    """The resourceVersion last seen and its content digest."""
     replaced: set[str] = field(default_factory=set)
     """resourceVersions our writes replaced: the cache may still show one of
     them for a moment, and that old content must not be taken as a change
@@ -249,16 +252,19 @@ class Controller:
         state = self._states.get(key)
         if state is None or state.uid != uid:
             state = self._states[key] = _State(uid=uid)
-        version = (secret.get("metadata") or {}).get("resourceVersion", "")
-        if version in state.replaced:
-            return  # our write is not in the cache yet
-        state.replaced.clear()
         if state.pending is not None:
             # A refreshed token waits to be written: nothing else until it is.
             if now >= state.retry_at:
                 self._persist(key, secret, state, now)
             return
-        digest = secret_digest(secret)
+        version = (secret.get("metadata") or {}).get("resourceVersion", "")
+        if version in state.replaced:
+            return  # our write is not in the cache yet
+        state.replaced.clear()
+        if version != state.version:
+            # Hash the content only when the object changed (most passes see none).
+            state.version, state.version_digest = version, secret_digest(secret)
+        digest = state.version_digest
         if digest == state.final_digest:
             return
         if digest != state.digest:
