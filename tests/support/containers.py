@@ -1,0 +1,46 @@
+"""Fake containers for tests (hack/containers.py), skipping cleanly where they cannot run."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hack.cgroups import CgroupsUnavailable
+from hack.containers import ContainersUnavailable, ContainerWorld, build
+from tests.conftest import IN_CI, IS_ROOT
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip without `condition`, or fail in CI, where every test must run."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"CI must run this test: {reason}")
+    pytest.skip(reason)
+
+
+def build_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`container_init`, compiled once per session (a session fixture calls this)."""
+    need(IS_ROOT, "needs root: cgroups and chroot")
+    try:
+        return build(tmp_path_factory.mktemp("container-init"))
+    except ContainersUnavailable as err:
+        need(False, str(err))
+        raise
+
+
+@contextlib.contextmanager
+def container_world(base: Path, init: Path) -> Iterator[ContainerWorld]:
+    need(IS_ROOT, "needs root: cgroups and chroot")
+    try:
+        world = ContainerWorld(base, init=init).start()
+    except (ContainersUnavailable, CgroupsUnavailable) as err:
+        need(False, f"needs fake containers: {err}")
+        raise
+    try:
+        yield world
+    finally:
+        world.close()
