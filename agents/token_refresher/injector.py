@@ -70,6 +70,8 @@ log = logging.getLogger(__name__)
 COMPONENT = "token-refresher-injector"
 NOT_FOUND = 404
 _DONE_PHASES = ("Succeeded", "Failed")
+# A full pass is due this share of `interval` after the last one (see tick()).
+FULL_PASS_DUE = 0.85
 
 
 @dataclass(frozen=True)
@@ -82,8 +84,9 @@ class Target:
     injection: Injection
 
     @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.pod_uid, self.injection.container, self.injection.path)
+    def key(self) -> tuple[str, str]:
+        """The file within its pod: (container, path)."""
+        return (self.injection.container, self.injection.path)
 
     @property
     def where(self) -> str:
@@ -149,7 +152,10 @@ class Injector:
         self._secrets: dict[str, WatchCache] = {}  # namespace -> its token Secrets
         self._dirty: set[str] = set()  # pod UIDs to look at in the next pass
         self._users: dict[tuple[str, str], set[str]] = {}  # (ns, Secret) -> pod UIDs
-        self._files: dict[tuple[str, str, str], _FileState] = {}
+        self._uses: dict[str, set[tuple[str, str]]] = {}  # pod UID -> its (ns, Secret)s
+        # pod UID -> (container, path) -> state: per pod, so that a pass costs
+        # O(files), not O(pods x files).
+        self._files: dict[str, dict[tuple[str, str], _FileState]] = {}
         self._pod_problems: dict[str, str] = {}  # pod UID -> annotation problem reported
         self._pids: dict[str, int] = {}  # bare container ID -> a PID in it
         self._templates: dict[tuple[str, str], dict[str, Any] | None] = {}
@@ -196,17 +202,21 @@ class Injector:
             log.debug("waiting for the first list of this node's pods")
             return
         started = time.monotonic()
-        full = started - self._last_full >= self.config.interval
+        # The loop's ticks come up to 10% early (its jitter): such a tick counts,
+        # or a full pass would come only every other tick, near 2 x interval.
+        full = started - self._last_full >= FULL_PASS_DUE * self.config.interval
         with self._lock:
             dirty, self._dirty = self._dirty, set()
         pods = self.pods.by_uid()
         if full:
             self._last_full = started
             self._templates.clear()  # templates are re-read once per full pass
-            dirty = set(pods) | set(self._pod_problems) | {k[0] for k in self._files}
+            dirty = set(pods) | set(self._pod_problems) | set(self._files)
         jobs: list[_Job] = []
         for uid in dirty:
             jobs.extend(self._plan_pod(uid, pods.get(uid), full))
+        if full:
+            self._forget_exited_containers(jobs)
         self._forget_unused_namespaces()
         self._run(jobs)
         self._export_states()
@@ -231,12 +241,16 @@ class Injector:
             log.info("pod %s/%s: to-inject is usable again", namespace, meta.get("name"))
         targets = [Target(uid, namespace, meta.get("name", ""), i) for i in injections]
         self._set_users(uid, namespace, {t.injection.secret_name for t in targets})
+        if not targets:
+            self._files.pop(uid, None)
+            return []
+        files = self._files.setdefault(uid, {})
         wanted = {t.key for t in targets}
-        for key in [k for k in self._files if k[0] == uid and k not in wanted]:
-            del self._files[key]
+        for key in [k for k in files if k not in wanted]:
+            del files[key]
         jobs = []
         for target in targets:
-            state = self._files.setdefault(target.key, _FileState())
+            state = files.setdefault(target.key, _FileState())
             try:
                 job = self._plan(target, pod)
             except _Problem as problem:
@@ -287,7 +301,7 @@ class Injector:
             except Exception as err:
                 if getattr(err, "status", None) != NOT_FOUND:
                     raise _Problem(
-                        "bad_template", f"cannot read template ConfigMap {name}: {err}"
+                        "bad_template", f"cannot read template ConfigMap {name}: {_short(err)}"
                     ) from None
                 self._templates[key] = None
         try:
@@ -308,7 +322,7 @@ class Injector:
         self._find_pids(unknown)
         results = list(self._pool.map(self._write, jobs))
         for job, outcome in zip(jobs, results, strict=True):
-            state = self._files.get(job.target.key)
+            state = self._files.get(job.target.pod_uid, {}).get(job.target.key)
             if state is None:
                 continue  # the pod went away meanwhile
             if isinstance(outcome, _Problem):
@@ -402,18 +416,29 @@ class Injector:
         return cache
 
     def _set_users(self, uid: str, namespace: str, secrets: Iterable[str]) -> None:
+        uses = {(namespace, name) for name in secrets}
         with self._lock:
-            for users in self._users.values():
-                users.discard(uid)
-            for name in secrets:
-                self._users.setdefault((namespace, name), set()).add(uid)
+            for key in self._uses.pop(uid, set()) - uses:
+                self._users.get(key, set()).discard(uid)
+            for key in uses:
+                self._users.setdefault(key, set()).add(uid)
+            if uses:
+                self._uses[uid] = uses
 
     def _forget_pod(self, uid: str, *, keep_problem: bool = False) -> None:
         self._set_users(uid, "", ())
-        for key in [k for k in self._files if k[0] == uid]:
-            del self._files[key]
+        self._files.pop(uid, None)
         if not keep_problem:
             self._pod_problems.pop(uid, None)
+
+    def _forget_exited_containers(self, jobs: list[_Job]) -> None:
+        """Keep the PIDs of the containers a full pass still writes to, only.
+
+        Every restart brings a new container ID: without this the map grows
+        for as long as the node runs.
+        """
+        wanted = {bare_container_id(job.container_id) for job in jobs}
+        self._pids = {cid: pid for cid, pid in self._pids.items() if cid in wanted}
 
     def _forget_unused_namespaces(self) -> None:
         with self._lock:
@@ -425,6 +450,9 @@ class Injector:
         for cache in caches:
             self._count_cache(cache)
             cache.stop()
+            # id() values are reused once the cache is freed: never let a new
+            # cache inherit this one's counts.
+            self._watch_counts.pop(id(cache), None)
 
     # -- reporting
 
@@ -467,8 +495,9 @@ class Injector:
 
     def _export_states(self) -> None:
         counts = {"ok": 0, "failing": 0, "waiting": 0}
-        for state in self._files.values():
-            counts[state.state] += 1
+        for files in self._files.values():
+            for state in files.values():
+                counts[state.state] += 1
         for name, count in counts.items():
             self._metrics.files.labels(name).set(count)
 
@@ -521,3 +550,11 @@ def _in_container(pid: int, container_id: str, proc_root: str) -> bool:
     except (ProcessGone, AttributionError):
         return False
     return ref is not None and ref.container_id == container_id
+
+
+def _short(err: BaseException) -> str:
+    """One line for an Event: str() of an ApiException spans lines, headers and body."""
+    status = getattr(err, "status", None)
+    if isinstance(status, int):
+        return f"HTTP {status} {getattr(err, 'reason', '') or ''}".strip()
+    return " ".join(str(err).split())[:300] or type(err).__name__

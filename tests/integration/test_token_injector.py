@@ -1,0 +1,480 @@
+"""`token-refresher injector` on this host: the real agent against a fake API server
+(real HTTP), writing into fake containers that are real chrooted processes in
+kubelet-like cgroups (hack/containers.py). Root needed.
+
+Each test maps to an acceptance point of the injector.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import shutil
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agents.token_refresher.cli import main
+from hack.autofs_world import wait_for
+from hack.containers import Container, ContainerWorld, new_pod_uid
+from tests.support.agent import AgentThread
+from tests.support.containers import build_init, container_world
+from tests.support.fake_kube import FakeKube
+
+pytestmark = pytest.mark.root
+
+NODE = "node-a"
+NS = "science"
+CERN = "oauth2-refresh-controller.cern.ch"
+OURS = "token-refresher.node-agents.io"
+EOS = "oauth2:$(ACCESS_TOKEN):auth.cern.ch/auth/realms/cern/protocol/openid-connect/userinfo"
+FILES_WRITTEN = "token_refresher_files_written_total"
+FAILURES = "token_refresher_injection_failures_total"
+TICKS = "token_refresher_ticks_total"
+TICK_FAILURES = "token_refresher_tick_failures_total"
+
+
+def eos(access_token: str) -> bytes:
+    return EOS.replace("$(ACCESS_TOKEN)", access_token).encode()
+
+
+# -- the cluster ----------------------------------------------------------------------
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def token_json(access_token: str) -> str:
+    return json.dumps(
+        {
+            "access_token": access_token,
+            "refresh_token": "refresh-" + access_token,
+            "token_type": "Bearer",
+            "expires_at": time.time() + 3600,
+            "issued_at": time.time(),
+        }
+    )
+
+
+def token_secret(
+    name: str,
+    access_token: str = "at-1",
+    *,
+    prefix: str = CERN,
+    data: dict[str, str] | None = None,
+    namespace: str = NS,
+) -> dict[str, Any]:
+    """A token Secret as users create them (data base64, the is-token annotation)."""
+    if data is None:
+        data = {"oauth": token_json(access_token), "clientID": "eos", "clientSecret": "s3cret"}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "annotations": {f"{prefix}/is-token": "true"},
+        },
+        "data": {key: b64(value) for key, value in data.items()},
+    }
+
+
+def template_map(name: str, template: str = EOS) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": NS},
+        "data": {"template": template},
+    }
+
+
+def to_inject(*entries: dict[str, Any], prefix: str = CERN) -> dict[str, str]:
+    return {f"{prefix}/to-inject": json.dumps(list(entries))}
+
+
+def entry(container: str = "app", secret: str = "tok", **more: Any) -> dict[str, Any]:
+    return {"secretName": secret, "container": container, "owner": 1000, **more}
+
+
+def events(kube: FakeKube, reason: str | None = None, pod: str | None = None) -> list[Any]:
+    return [
+        e
+        for e in kube.objects("events", NS)
+        if (reason is None or e["reason"] == reason)
+        and (pod is None or e["involvedObject"]["name"] == pod)
+    ]
+
+
+@dataclass
+class Cluster:
+    """A fake API server, fake containers, and helpers to make pods of them."""
+
+    kube: FakeKube
+    containers: ContainerWorld
+    kubeconfig: Path
+
+    def pod(
+        self,
+        name: str,
+        annotations: dict[str, str],
+        containers: tuple[str, ...] = ("app",),
+        *,
+        node: str = NODE,
+        dirs: tuple[str, ...] = (),
+    ) -> list[Container]:
+        """Start the pod's containers and publish the pod as its kubelet would."""
+        uid = new_pod_uid()
+        started = self.containers.add_many([(uid, c) for c in containers], dirs=dirs)
+        self.kube.put(self.containers.pod(name, NS, node, started, annotations))
+        return started
+
+    def republish(self, name: str, started: list[Container], annotations: dict[str, str]) -> None:
+        self.kube.put(self.containers.pod(name, NS, NODE, started, annotations))
+
+    def argv(self, *extra: str, interval: float = 0.3) -> list[str]:
+        return [
+            "injector",
+            "--kubeconfig",
+            str(self.kubeconfig),
+            "--node-name",
+            NODE,
+            "--interval",
+            str(interval),
+            "--metrics-address",
+            "off",
+            *extra,
+        ]
+
+    def injector(self, *extra: str, interval: float = 0.3) -> AgentThread:
+        return AgentThread(main, self.argv(*extra, interval=interval))
+
+
+@pytest.fixture(scope="session")
+def container_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_init(tmp_path_factory)
+
+
+@pytest.fixture
+def cluster(container_init: Path, tmp_path: Path) -> Iterator[Cluster]:
+    with (
+        container_world(tmp_path / "containers", container_init) as containers,
+        FakeKube() as kube,
+    ):
+        kube.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+        yield Cluster(kube, containers, kube.kubeconfig(tmp_path / "kubeconfig"))
+
+
+def file_of(container: Container, path: str = "/tmp/oauthtk_1000") -> Path:
+    return container.path(path)
+
+
+def has(path: Path, content: bytes) -> bool:
+    try:
+        return path.read_bytes() == content
+    except FileNotFoundError:
+        return False
+
+
+def files_under(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if not p.is_dir()]
+
+
+def owner_and_mode(path: Path) -> tuple[int, int, int]:
+    st = path.lstat()
+    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+
+# -- 1. the right containers of this node's pods, templated, with mode and owner -------
+
+
+def test_files_land_in_the_named_containers_of_this_nodes_pods_only(cluster: Cluster) -> None:
+    kube = cluster.kube
+    kube.put(token_secret("tok", "at-1"))
+    kube.put(template_map("eos-template"))
+    annotations = to_inject(
+        entry("app", templateConfigMapName="eos-template"),
+        entry("app", mode="0440", group=2000, path="/tmp/plain/token"),
+    )
+    app, sidecar = cluster.pod("web", annotations, ("app", "sidecar"), dirs=("tmp/plain",))
+    (elsewhere,) = cluster.pod("far", annotations, node="node-b")
+    with cluster.injector() as agent:
+        wait_for(lambda: agent.value("token_refresher_files", {"state": "ok"}) == 2, 10)
+        assert file_of(app).read_bytes() == eos("at-1")
+        assert owner_and_mode(file_of(app)) == (1000, 1000, 0o400)
+        plain = file_of(app, "/tmp/plain/token")
+        assert plain.read_bytes() == b"at-1"
+        assert owner_and_mode(plain) == (1000, 2000, 0o440)
+        # Nothing but the two files (no temp file left behind), nowhere else.
+        assert sorted(os.listdir(app.path("/tmp"))) == ["oauthtk_1000", "plain"]
+        assert files_under(sidecar.root) == []
+        assert files_under(elsewhere.root) == []
+        injected = events(kube, "TokenInjected", "web")
+        assert {e["type"] for e in injected} == {"Normal"}
+        assert len(injected) == 2
+        assert not events(kube, "TokenInjected", "far")
+        assert agent.value("token_refresher_files", {"state": "ok"}) == 2
+        assert agent.value(FILES_WRITTEN) == 2
+
+
+# -- 2. a Secret update reaches the files at once, with no API call ---------------------
+
+
+def test_a_secret_update_reaches_the_files_with_no_api_call(cluster: Cluster) -> None:
+    kube = cluster.kube
+    kube.put(token_secret("tok", "at-1", prefix=OURS))
+    kube.put(template_map("eos-template"))
+    annotations = to_inject(entry(templateConfigMapName="eos-template"), prefix=OURS)
+    pods = [cluster.pod(f"worker-{i}", annotations)[0] for i in range(3)]
+    # No full pass during the test: only the Secret's watch event can do it.
+    with cluster.injector(interval=60) as agent:
+        wait_for(lambda: all(has(file_of(c), eos("at-1")) for c in pods), 10)
+        wait_for(lambda: len(events(kube, "TokenInjected")) == 3, 5)  # the pass is over
+        wait_for(lambda: kube.watchers >= 2, 5)  # pods, and the Secrets of the namespace
+        requests, watches = kube.count(watch=False), kube.count(watch=True)
+        kube.put(token_secret("tok", "at-2", prefix=OURS))
+        took = wait_for(lambda: all(has(file_of(c), eos("at-2")) for c in pods), 10)
+        time.sleep(0.3)  # room for any stray request to show up
+        assert took < 2.0, f"the new token took {took:.2f}s"
+        assert kube.count(watch=False) == requests, kube.calls()[-5:]
+        assert kube.count(watch=True) == watches
+        wait_for(lambda: agent.value(FILES_WRITTEN) == 6, 2)
+        print(f"secret update -> 3 files in {took:.3f}s")
+
+
+# -- 3. planted symlinks are refused, nothing is written through them -------------------
+
+
+def test_symlinks_planted_in_a_container_are_refused(cluster: Cluster, tmp_path: Path) -> None:
+    kube = cluster.kube
+    kube.put(token_secret("tok"))
+    host_file = tmp_path / "host-credential"
+    host_file.write_text("host secret\n")
+    host_file.chmod(0o600)
+    host_before = host_file.stat()
+    assert not Path("/etc/oauthtk_1000").exists()
+
+    (to_shadow,) = cluster.pod("to-shadow", to_inject(entry()), dirs=("etc",))
+    shadow = to_shadow.path("/etc/shadow")
+    shadow.write_text("root:*:19000:0:99999:7:::\n")
+    file_of(to_shadow).symlink_to("/etc/shadow")
+
+    (to_host,) = cluster.pod("to-host", to_inject(entry()))
+    file_of(to_host).symlink_to(host_file)
+
+    (tmp_link,) = cluster.pod("tmp-link", to_inject(entry()), dirs=("etc",))
+    shutil.rmtree(tmp_link.path("/tmp"))
+    tmp_link.path("/tmp").symlink_to("/etc")
+
+    (good,) = cluster.pod("good", to_inject(entry()))
+
+    with cluster.injector() as agent:
+        wait_for(lambda: agent.value(FAILURES, {"reason": "unsafe_path"}) >= 3, 10)
+        wait_for(lambda: has(file_of(good), b"at-1"), 10)
+        ticks = agent.value(TICKS)
+        wait_for(lambda: agent.value(TICKS) >= ticks + 5, 10)  # full passes: reported once
+
+        assert shadow.read_text() == "root:*:19000:0:99999:7:::\n"
+        assert os.readlink(file_of(to_shadow)) == "/etc/shadow"
+        assert host_file.read_text() == "host secret\n"
+        after = host_file.stat()
+        assert (after.st_ino, after.st_mtime_ns, after.st_uid, after.st_mode) == (
+            host_before.st_ino,
+            host_before.st_mtime_ns,
+            host_before.st_uid,
+            host_before.st_mode,
+        )
+        assert os.readlink(file_of(to_host)) == str(host_file)
+        assert os.readlink(tmp_link.path("/tmp")) == "/etc"
+        assert os.listdir(tmp_link.path("/etc")) == []
+        assert not Path("/etc/oauthtk_1000").exists()
+        for root in (to_shadow.root, to_host.root, tmp_link.root):
+            leftovers = [p for p in root.rglob("*") if p.name.startswith(".oauthtk.")]
+            assert leftovers == []
+        for pod in ("to-shadow", "to-host", "tmp-link"):
+            (event,) = events(kube, "TokenInjectionFailed", pod)
+            assert event["type"] == "Warning"
+            assert "symlink" in event["message"]
+        assert agent.value(FAILURES, {"reason": "unsafe_path"}) == 3
+        assert agent.value("token_refresher_files", {"state": "failing"}) == 3
+        assert agent.value("token_refresher_files", {"state": "ok"}) == 1
+        assert agent.value(TICK_FAILURES) == 0
+
+
+# -- 4. a restarted container gets its file again -----------------------------------------
+
+
+def test_a_restarted_container_gets_its_file_again(cluster: Cluster) -> None:
+    kube = cluster.kube
+    kube.put(token_secret("tok"))
+    annotations = to_inject(entry())
+    (app,) = cluster.pod("web", annotations)
+    with cluster.injector(interval=60) as agent:  # no full pass: the pod event does it
+        wait_for(lambda: agent.value(FILES_WRITTEN) == 1, 10)
+        assert has(file_of(app), b"at-1")
+        file_of(app).unlink()
+        restarted = cluster.containers.restart(app)
+        assert not cluster.containers.alive(app)
+        cluster.republish("web", [restarted], annotations)
+        wait_for(lambda: has(file_of(restarted), b"at-1"), 5)
+        assert owner_and_mode(file_of(restarted)) == (1000, 1000, 0o400)
+        wait_for(lambda: agent.value(FILES_WRITTEN) == 2, 2)
+        wait_for(lambda: len(events(kube, "TokenInjected", "web")) == 2, 2)
+
+
+# -- 5. unchanged files are left alone ---------------------------------------------------
+
+
+def test_unchanged_files_are_not_rewritten(cluster: Cluster) -> None:
+    kube = cluster.kube
+    kube.put(token_secret("tok"))
+    (steady,) = cluster.pod("steady", to_inject(entry()))
+    (churned,) = cluster.pod("churned", to_inject(entry()))
+    with cluster.injector(interval=0.2) as agent:
+        wait_for(lambda: agent.value(FILES_WRITTEN) == 2, 10)
+        assert has(file_of(steady), b"at-1") and has(file_of(churned), b"at-1")
+        before = file_of(steady).stat()
+        # A file deleted by its container comes back at the next full pass:
+        # twice, so at least two full passes looked at the steady file too.
+        for _ in range(2):
+            file_of(churned).unlink()
+            wait_for(lambda: has(file_of(churned), b"at-1"), 5)
+        after = file_of(steady).stat()
+        assert (after.st_ino, after.st_mtime_ns, after.st_ctime_ns) == (
+            before.st_ino,
+            before.st_mtime_ns,
+            before.st_ctime_ns,
+        )
+        wait_for(lambda: agent.value(FILES_WRITTEN) == 4, 2)
+        time.sleep(0.5)  # two more full passes: still nothing rewritten
+        assert agent.value(FILES_WRITTEN) == 4
+        after = file_of(steady).stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+# -- 6. what cannot be done is reported once, and disturbs nothing else -----------------
+
+
+def test_failures_are_reported_once_and_disturb_no_other_pod(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    kube = cluster.kube
+    kube.put(token_secret("tok"))
+    kube.put(token_secret("no-client-secret", data={"oauth": token_json("x"), "clientID": "c"}))
+    kube.put(
+        token_secret("garbled", data={"oauth": "{not json", "clientID": "c", "clientSecret": "s"})
+    )
+    kube.put(template_map("eos-template"))
+    kube.put(template_map("typo-template", "oauth2:$(ACCESS_TOKN):auth.cern.ch"))
+
+    (read_only,) = cluster.pod("read-only", to_inject(entry()))
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(read_only.path("/tmp"))],
+        check=True,
+    )
+    cluster.pod("no-such-container", to_inject(entry("nope")))
+    bad_annotations = {
+        "bad-json": {f"{CERN}/to-inject": "[{"},
+        "not-a-list": {f"{CERN}/to-inject": json.dumps(entry())},
+        "unknown-field": to_inject(entry(colour="blue")),
+        "bad-mode": to_inject(entry(mode="0666")),
+    }
+    started = {
+        name: cluster.pod(name, annotations) for name, annotations in bad_annotations.items()
+    }
+    cluster.pod("secret-missing-keys", to_inject(entry(secret="no-client-secret")))
+    cluster.pod("secret-garbled", to_inject(entry(secret="garbled")))
+    (waits_for_secret,) = cluster.pod("secret-unknown", to_inject(entry(secret="nowhere")))
+    cluster.pod("template-typo", to_inject(entry(templateConfigMapName="typo-template")))
+    cluster.pod("template-missing", to_inject(entry(templateConfigMapName="gone-template")))
+    (good,) = cluster.pod("good", to_inject(entry(templateConfigMapName="eos-template")))
+
+    expected = {
+        "read-only": ("TokenInjectionFailed", "read-only"),
+        "no-such-container": ("TokenInjectionFailed", "no container named 'nope'"),
+        "bad-json": ("InvalidTokenAnnotation", "not valid JSON"),
+        "not-a-list": ("InvalidTokenAnnotation", "must be a JSON list"),
+        "unknown-field": ("InvalidTokenAnnotation", "unknown fields ['colour']"),
+        "bad-mode": ("InvalidTokenAnnotation", "lets others write"),
+        "secret-missing-keys": ("TokenInjectionFailed", "missing clientSecret"),
+        "secret-garbled": ("TokenInjectionFailed", "not valid JSON"),
+        "secret-unknown": ("TokenInjectionFailed", "no token Secret nowhere"),
+        "template-typo": ("TokenInjectionFailed", "unknown variables ['ACCESS_TOKN']"),
+        "template-missing": ("TokenInjectionFailed", "gone-template not found"),
+    }
+    caplog.set_level(logging.WARNING, logger="agents.token_refresher")
+    try:
+        with cluster.injector() as agent:
+            wait_for(lambda: has(file_of(good), eos("at-1")), 10)
+            wait_for(
+                lambda: all(events(kube, reason, pod) for pod, (reason, _) in expected.items()), 10
+            )
+            ticks = agent.value(TICKS)
+            wait_for(lambda: agent.value(TICKS) >= ticks + 5, 10)  # full passes: no repeats
+            for pod, (reason, words) in expected.items():
+                (event,) = [e for e in events(kube, pod=pod) if e["type"] == "Warning"]
+                assert (event["type"], event["reason"]) == ("Warning", reason), pod
+                assert words in event["message"], (pod, event["message"])
+            for name in bad_annotations:
+                assert any(
+                    name in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records
+                ), name
+            assert agent.value(FAILURES, {"reason": "bad_annotation"}) == 4
+            assert agent.value(FAILURES, {"reason": "read_only"}) == 1
+            assert agent.value(FAILURES, {"reason": "no_container"}) == 1
+            assert agent.value(FAILURES, {"reason": "bad_secret"}) == 2
+            assert agent.value(FAILURES, {"reason": "no_secret"}) == 1
+            assert agent.value(FAILURES, {"reason": "bad_template"}) == 2
+
+            # Still serving: a new token reaches the good pod ...
+            kube.put(token_secret("tok", "at-2"))
+            wait_for(lambda: has(file_of(good), eos("at-2")), 5)
+            # ... a fixed annotation is served, a new problem reported once more ...
+            cluster.republish("bad-json", started["bad-json"], to_inject(entry()))
+            wait_for(lambda: has(file_of(started["bad-json"][0]), b"at-2"), 5)
+            cluster.republish("bad-mode", started["bad-mode"], to_inject(entry(mode="0777")))
+            wait_for(lambda: len(events(kube, "InvalidTokenAnnotation", "bad-mode")) == 2, 5)
+            # ... and a Secret that appears is used.
+            kube.put(token_secret("nowhere", "at-3"))
+            wait_for(lambda: has(file_of(waits_for_secret), b"at-3"), 5)
+            ticks = agent.value(TICKS)
+            wait_for(lambda: agent.value(TICKS) >= ticks + 3, 10)
+            assert len(events(kube, "InvalidTokenAnnotation", "bad-mode")) == 2
+            assert agent.value(FAILURES, {"reason": "bad_annotation"}) == 5
+            assert agent.value(TICK_FAILURES) == 0
+    finally:
+        subprocess.run(["umount", str(read_only.path("/tmp"))], check=False)
+
+
+# -- 7. --dry-run writes nothing; --once does one pass -----------------------------------
+
+
+def test_dry_run_writes_nothing(cluster: Cluster) -> None:
+    kube = cluster.kube
+    kube.put(token_secret("tok"))
+    (app,) = cluster.pod("web", to_inject(entry()))
+    with cluster.injector("--dry-run") as agent:
+        wait_for(lambda: agent.value(TICKS) >= 5, 10)
+        assert os.listdir(app.path("/tmp")) == []
+        assert agent.value(FILES_WRITTEN) == 0
+    assert kube.count("POST") == 0
+    assert events(kube) == []
+
+
+def test_once_does_one_pass_and_returns(cluster: Cluster) -> None:
+    kube = cluster.kube
+    kube.put(token_secret("tok"))
+    (app,) = cluster.pod("web", to_inject(entry()))
+    started = time.monotonic()
+    assert main(cluster.argv("--once")) == 0
+    took = time.monotonic() - started
+    assert file_of(app).read_bytes() == b"at-1"
+    print(f"--once took {took:.2f}s")
