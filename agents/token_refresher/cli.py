@@ -290,16 +290,23 @@ def main(
     """Run a role; returns the process exit code (2 on bad configuration)."""
     try:
         args = build_parser(environ).parse_args(argv)
-        if args.role != "injector" and not 0.1 <= args.refresh_fraction <= 0.85:
-            raise ConfigError("--refresh-fraction must be between 0.1 and 0.85")
+        # 10 % jitter either way must keep the refresh inside the lifetime.
+        if args.role != "injector" and not 0.15 <= args.refresh_fraction <= 0.85:
+            raise ConfigError("--refresh-fraction must be between 0.15 and 0.85")
         if args.role == "local":
             check_token_url(args.token_url, allow_http=args.allow_http)
             client_secret = _read_secret(args.client_secret_file)
         elif args.role == "controller":
             if args.token_url:
                 check_token_url(args.token_url, allow_http=args.allow_http)
-            if args.renew_interval >= args.lease_duration:
-                raise ConfigError("--renew-interval must be shorter than --lease-duration")
+            # The leader calls an IdP only while its Lease outlasts the request by
+            # 5 s, and the Lease may be one renewal old.
+            needed = args.request_timeout + 5 + args.renew_interval
+            if args.lease_duration <= needed:
+                raise ConfigError(
+                    f"--lease-duration must exceed --request-timeout + 5 s + --renew-interval "
+                    f"({needed:g} s): the leader would never refresh"
+                )
         elif not args.node_name:
             raise ConfigError("--node-name (or NODE_NAME) is required: only its pods get files")
         api_client = None if args.role == "local" else _cluster(args.kubeconfig)

@@ -173,6 +173,8 @@ class Controller:
         self._rng = rng or random.Random()
         self._backoff = Backoff(cap=config.backoff_cap, rng=self._rng)
         self._states: dict[str, _State] = {}
+        self._unreachable: set[str] = set()
+        """Token URLs that timed out or refused in this pass."""
         self.wake = threading.Event()
         """Set when a Secret changes: the run loop passes at once."""
         namespaces: list[str | None] = list(config.namespaces) or [None]
@@ -217,15 +219,15 @@ class Controller:
         if not self.synced:
             log.debug("waiting for the first list of token Secrets")
             return
-        leading = self._leading()
-        self._metrics.leader.set(1 if leading else 0)
+        self._metrics.leader.set(1 if self._leading() else 0)
+        self._unreachable = set()
         seen: set[str] = set()
         for cache in self.caches:
             for secret in cache.objects():
                 key = _key(secret)
                 seen.add(key)
                 try:
-                    self._visit(key, secret, leading)
+                    self._visit(key, secret)
                 except Exception:
                     # One Secret's surprise must not stop the others' refreshes.
                     log.exception("token Secret %s: unexpected failure", key)
@@ -246,7 +248,7 @@ class Controller:
         # may take over: the refresh token would be used twice.
         return self._elector.holds(self.config.idp.request_timeout + 5.0)
 
-    def _visit(self, key: str, secret: dict[str, Any], leading: bool) -> None:
+    def _visit(self, key: str, secret: dict[str, Any]) -> None:
         now = self._clock()
         uid = (secret.get("metadata") or {}).get("uid", "")
         state = self._states.get(key)
@@ -275,7 +277,12 @@ class Controller:
         assert token is not None and state.secret is not None
         if token.expires_at is not None:
             self._metrics.seconds_to_expiry.labels(key).set(token.expires_at - now)
-        if not leading or now < state.due or now < state.retry_at:
+        if now < state.due or now < state.retry_at:
+            return
+        if state.token_url in self._unreachable:
+            return  # another Secret of this IdP just timed out: not N timeouts per pass
+        # Checked before every IdP call, not once per pass: a pass may take a while.
+        if not self._leading():
             return
         if self.config.dry_run:
             log.info("dry run: would refresh token Secret %s now", key)
@@ -380,7 +387,10 @@ class Controller:
             state.failures += 1
             state.state = "retrying"
             delay = self._backoff.next_delay(state.failures, err.retry_after)
-            state.retry_at = now + delay
+            # From the failure, not the attempt: a timeout took a while already.
+            state.retry_at = self._clock() + delay
+            if err.kind in ("timeout", "connection"):
+                self._unreachable.add(state.token_url)
             self._metrics.refreshes.labels(err.kind).inc()
             left = token.lifetime(now)
             log.warning(

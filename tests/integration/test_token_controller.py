@@ -18,7 +18,7 @@ from agents.token_refresher.cli import main
 from hack.autofs_world import wait_for
 from tests.support.agent import AgentThread
 from tests.support.fake_kube import FakeKube, find_resource
-from tests.support.idp import IDP_LOGGERS, TestIdP
+from tests.support.idp import IDP_LOGGERS, TestIdP, silent_port
 
 CERN = "oauth2-refresh-controller.cern.ch"
 OURS = "token-refresher.node-agents.io"
@@ -390,7 +390,7 @@ def test_once_refreshes_what_is_due_and_exits(kube: FakeKube, idp: TestIdP, tmp_
     [
         (["controller", "--kubeconfig", "/nonexistent/kubeconfig"], "kubeconfig"),
         (["controller", "--token-url", "http://idp.example/token"], "http"),
-        (["controller", "--renew-interval", "40"], "renew-interval"),
+        (["controller", "--renew-interval", "40"], "lease-duration"),
         (["injector"], "node-name"),
     ],
 )
@@ -409,3 +409,24 @@ def test_without_a_cluster_the_cluster_roles_say_so(
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     assert main(["injector", "--node-name", "n"], environ={}) == 2
     assert "needs a cluster" in capsys.readouterr().err
+
+
+def test_a_silent_idp_costs_one_timeout_per_pass_not_one_per_secret(
+    kube: FakeKube, idp: TestIdP, tmp_path: Path
+) -> None:
+    """Five Secrets due at an IdP that never answers: the pass stops calling it
+    after the first timeout, so a pass stays short (and the Lease check fresh)."""
+    with silent_port() as port:
+        args = argv(kube, idp, tmp_path, "--request-timeout", "0.5")
+        args[args.index("--token-url") + 1] = f"https://127.0.0.1:{port}/token"
+        with AgentThread(main, args) as agent:
+            for n in range(5):
+                kube.put(token_secret(leading(agent) and idp, f"t{n}"))
+            wait_for(
+                lambda: agent.value("token_refresher_refreshes_total", {"result": "timeout"}) >= 3,
+                20,
+            )
+            ticks = agent.value("token_refresher_tick_duration_seconds_count")
+            within_1s = agent.value("token_refresher_tick_duration_seconds_bucket", {"le": "1.0"})
+    assert ticks > 0 and within_1s == ticks, "a pass took over 1 s"
+    assert idp.token_calls("refresh_token") == 0

@@ -24,6 +24,12 @@ Changed from stock Canaille, and why:
 - the Host header is set to SERVER_NAME, as a reverse proxy would: Canaille
   refuses POSTs addressed to another host, and two listeners have two ports.
 
+The https listener can sit elsewhere than 127.0.0.1 (`listen`: a socket
+factory, e.g. inside a network namespace of tests/support/netns.py), can go
+down and come back on its port (`refuse_connections`, `accept_connections`),
+and the token endpoint can answer errors as an overloaded IdP or its proxy does
+(`fail_token_endpoint`).
+
 Canaille keeps its OAuth server and database in module globals, so one
 `TestIdP` runs per process at a time (a second `start()` raises). Its
 loggers (authlib, canaille) log tokens at DEBUG: that is the IdP's side, in
@@ -52,6 +58,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from http import HTTPStatus
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar
@@ -83,9 +90,10 @@ def _unhook_root_logging() -> None:
 
 class ThrowawayCA:
     """A CA made for one test run and a server certificate it signed for
-    127.0.0.1 and localhost: tests verify TLS for real without the system store."""
+    127.0.0.1, localhost and `ip_addresses`: tests verify TLS for real without
+    the system store."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, ip_addresses: Iterable[str] = ()) -> None:
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec
@@ -136,7 +144,10 @@ class ThrowawayCA:
                 x509.SubjectAlternativeName(
                     [
                         x509.DNSName("localhost"),
-                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                        *(
+                            x509.IPAddress(ipaddress.ip_address(address))
+                            for address in dict.fromkeys(("127.0.0.1", *ip_addresses))
+                        ),
                     ]
                 ),
                 critical=False,
@@ -196,11 +207,25 @@ class _HTTPSHandler(_Handler):
 
 class _TLSServer(WSGIServer):
     """wsgiref's server over TLS; the handshake runs per connection, under the
-    idle timeout, so a client that fails it (or never speaks) costs nothing."""
+    idle timeout, so a client that fails it (or never speaks) costs nothing.
+    It listens on `sock`, bound by the caller (see `TestIdP.listen`)."""
 
-    def __init__(self, address: tuple[str, int], context: ssl.SSLContext) -> None:
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext) -> None:
         self._context = context
-        super().__init__(address, _HTTPSHandler)
+        host, port = sock.getsockname()[:2]
+        super().__init__((host, port), _HTTPSHandler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        self.server_address = (host, port)
+        # What HTTPServer.server_bind sets, without its getfqdn(): a reverse
+        # DNS lookup of the address would leave loopback and the namespaces.
+        self.server_name, self.server_port = host, port
+        self.setup_environ()
+        try:
+            self.server_activate()
+        except BaseException:
+            self.server_close()
+            raise
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         request.settimeout(IO_TIMEOUT)
@@ -233,6 +258,21 @@ class TokenCall:
     scheme: str  # "http" or "https"
     # The refresh token presented (refresh_token grant), to check chains; never shown.
     refresh_token: str = field(default="", repr=False)
+    status: int = 0
+    """The HTTP status it was answered with."""
+
+
+def loopback_listener(port: int = 0) -> socket.socket:
+    """A TCP socket bound to 127.0.0.1:`port`, not listening yet, with SO_REUSEADDR
+    (the https listener comes back on its port after `refuse_connections`)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class TestIdP:
@@ -243,8 +283,21 @@ class TestIdP:
     _running: ClassVar[TestIdP | None] = None
     _running_lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, *, tls: bool = False, lifetime: int = 3600, workdir: Path | None = None):
+    def __init__(
+        self,
+        *,
+        tls: bool = False,
+        lifetime: int = 3600,
+        workdir: Path | None = None,
+        listen: Callable[[int], socket.socket] | None = None,
+    ):
+        if listen is not None and not tls:
+            raise ValueError("listen places the https listener: it needs tls=True")
         self.tls = tls
+        self.listen = listen or loopback_listener
+        """Makes the https listener's socket: bound to the given port (0: any),
+        not listening yet, SO_REUSEADDR set. Its address is where `url` points
+        and an IP address of the server certificate."""
         self.lifetime = lifetime
         """expires_in of every token issued from now on (also how long its refresh
         token lives, see the module docstring)."""
@@ -259,7 +312,10 @@ class TestIdP:
         self._password = secrets.token_urlsafe(16)
         self._workdir = workdir
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
-        self._lock = threading.Lock()  # guards `calls`
+        self._lock = threading.Lock()  # guards `calls` and `_failing`
+        self._failing: tuple[int | None, int, int | None] = (0, 503, None)
+        """(answers left (None: all), status, Retry-After) of `fail_token_endpoint`."""
+        self._wsgi: WSGIApp | None = None
         # Canaille's in-memory database is shared by both listeners and the test.
         self._db_lock = threading.RLock()
         self._threads: list[threading.Thread] = []
@@ -296,15 +352,21 @@ class TestIdP:
             if self._workdir is None:
                 self._tempdir = tempfile.TemporaryDirectory(prefix="test-idp-")
                 self._workdir = Path(self._tempdir.name)
-            self.ca = ThrowawayCA(self._workdir)
-            tls_server = _TLSServer(("127.0.0.1", 0), self.ca.server_context())
+            sock = self.listen(0)
+            try:
+                self.ca = ThrowawayCA(self._workdir, ip_addresses=[sock.getsockname()[0]])
+                tls_server = _TLSServer(sock, self.ca.server_context())
+            except BaseException:
+                sock.close()
+                raise
             self._servers.append(tls_server)
         # pytest-iam picks its port the same way.
         http_port = portpicker.pick_unused_port()
         self.http_url = f"http://127.0.0.1:{http_port}"
         self.url = self.http_url
         if self.tls:
-            self.url = f"https://127.0.0.1:{self._servers[0].server_address[1]}"
+            host, port = self._servers[0].socket.getsockname()[:2]
+            self.url = f"https://{host}:{port}"
 
         jwk = JWKRegistry.generate_key("RSA", 2048)
         jwk.ensure_kid()
@@ -336,8 +398,9 @@ class TestIdP:
         self._iam = Server(self._app, http_port, Backend.instance)
         self._iam.httpd.RequestHandlerClass = _Handler
         self._servers.append(self._iam.httpd)
+        self._wsgi = self._recording(self._app, host=str(config["SERVER_NAME"]))
         for server in self._servers:
-            server.set_app(self._recording(self._app, host=str(config["SERVER_NAME"])))
+            server.set_app(self._wsgi)
         with self._db_lock, self._app.app_context():
             models, backend = self._iam.models, self._iam.backend
             user = models.User(
@@ -346,11 +409,15 @@ class TestIdP:
             backend.save(user)
         self.add_client(self.client_id, self.client_secret)
         for server in self._servers:
-            thread = threading.Thread(
-                target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="test-idp"
-            )
-            thread.start()
-            self._threads.append(thread)
+            self._threads.append(self._serve(server))
+
+    @staticmethod
+    def _serve(server: WSGIServer) -> threading.Thread:
+        thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="test-idp"
+        )
+        thread.start()
+        return thread
 
     def _patch_oauth_server(self) -> None:
         """Rotation switch, unique access tokens, `lifetime` (module docstring)."""
@@ -405,6 +472,44 @@ class TestIdP:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+    # -- faults -------------------------------------------------------------
+
+    def refuse_connections(self) -> None:
+        """Close the https listener: connecting is refused (the kernel answers
+        RST) until `accept_connections()`. The plain-http listener stays."""
+        if not self.tls or not self._servers or not isinstance(self._servers[0], _TLSServer):
+            raise RuntimeError("refuse_connections needs a started TestIdP with tls, listening")
+        server, thread = self._servers.pop(0), self._threads.pop(0)
+        server.shutdown()
+        thread.join(timeout=10)
+        server.server_close()
+
+    def accept_connections(self) -> None:
+        """Listen again on the https port `refuse_connections()` closed."""
+        if not self.tls or self.ca is None or self._wsgi is None:
+            raise RuntimeError("accept_connections needs a started TestIdP with tls")
+        if self._servers and isinstance(self._servers[0], _TLSServer):
+            return
+        sock = self.listen(int(self.url.rsplit(":", 1)[1]))
+        try:
+            server = _TLSServer(sock, self.ca.server_context())
+        except BaseException:
+            sock.close()
+            raise
+        server.set_app(self._wsgi)
+        self._servers.insert(0, server)
+        self._threads.insert(0, self._serve(server))
+
+    def fail_token_endpoint(
+        self, status: int = 503, times: int | None = 1, *, retry_after: int | None = None
+    ) -> None:
+        """Answer the next `times` token requests (None: all, 0: none from now)
+        with `status` and a plain-text body, as an overloaded IdP or the proxy
+        in front of it does, with `Retry-After: <retry_after>` if given. The
+        database is not touched: the refresh token sent stays valid."""
+        with self._lock:
+            self._failing = (times, status, retry_after)
 
     # -- what tests use -----------------------------------------------------
 
@@ -510,39 +615,60 @@ class TestIdP:
                 found.update(filter(None, (client.client_secret,)))
         return found
 
-    def token_calls(self, grant_type: str | None = None) -> int:
-        """Requests that reached the token endpoint over the network."""
+    def token_calls(self, grant_type: str | None = None, status: int | None = None) -> int:
+        """Requests that reached the token endpoint over the network (and were
+        answered `status`, if given)."""
         with self._lock:
-            return sum(1 for c in self.calls if grant_type in (None, c.grant_type))
+            return sum(
+                1
+                for c in self.calls
+                if grant_type in (None, c.grant_type) and status in (None, c.status)
+            )
 
     # -- plumbing -----------------------------------------------------------
 
     def _recording(self, app: WSGIApp, host: str) -> WSGIApp:
-        """Records token-endpoint calls and serialises requests: the two
-        listeners share Canaille's in-memory database. Sets Host to SERVER_NAME,
-        as a reverse proxy would: Canaille refuses POSTs to any other host."""
+        """Records token-endpoint calls (once answered) and serialises requests:
+        the two listeners share Canaille's in-memory database. Sets Host to
+        SERVER_NAME, as a reverse proxy would: Canaille refuses POSTs to any
+        other host. Answers `fail_token_endpoint`'s errors instead of Canaille."""
 
         def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
             environ["HTTP_HOST"] = host
-            if environ.get("PATH_INFO") == "/oauth/token" and environ["REQUEST_METHOD"] == "POST":
-                length = int(environ.get("CONTENT_LENGTH") or 0)
-                body = environ["wsgi.input"].read(length)
-                environ["wsgi.input"] = io.BytesIO(body)
-                form = dict(parse_qsl(body.decode("latin-1")))
-                authorization = environ.get("HTTP_AUTHORIZATION", "")
-                client_auth = "none"
-                if authorization.lower().startswith("basic "):
-                    client_auth = "basic"
-                elif "client_secret" in form:
-                    client_auth = "post"
+            if environ.get("PATH_INFO") != "/oauth/token" or environ["REQUEST_METHOD"] != "POST":
+                return answer(environ, start_response)
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            body = environ["wsgi.input"].read(length)
+            environ["wsgi.input"] = io.BytesIO(body)
+            form = dict(parse_qsl(body.decode("latin-1")))
+            authorization = environ.get("HTTP_AUTHORIZATION", "")
+            client_auth = "none"
+            if authorization.lower().startswith("basic "):
+                client_auth = "basic"
+            elif "client_secret" in form:
+                client_auth = "post"
+            answered: list[int] = []
+
+            def recording_start_response(status: str, *args: Any) -> Any:
+                answered.append(int(status.split(" ", 1)[0]))
+                return start_response(status, *args)
+
+            try:
+                return self._failure(recording_start_response) or answer(
+                    environ, recording_start_response
+                )
+            finally:
                 call = TokenCall(
                     form.get("grant_type", ""),
                     client_auth,
                     environ["wsgi.url_scheme"],
                     form.get("refresh_token", ""),
+                    answered[-1] if answered else 0,
                 )
                 with self._lock:
                     self.calls.append(call)
+
+        def answer(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
             with self._db_lock:
                 result = app(environ, start_response)
                 try:
@@ -553,6 +679,25 @@ class TestIdP:
                         close()
 
         return wsgi
+
+    def _failure(self, start_response: Callable[..., Any]) -> list[bytes] | None:
+        """`fail_token_endpoint`'s answer, if one is due."""
+        with self._lock:
+            left, status, retry_after = self._failing
+            if left == 0:
+                return None
+            if left is not None:
+                self._failing = (left - 1, status, retry_after)
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = "Error"
+        body = f"{status} {reason}\n".encode()
+        headers = [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
+        if retry_after is not None:
+            headers.append(("Retry-After", str(retry_after)))
+        start_response(f"{status} {reason}", headers)
+        return [body]
 
 
 @contextlib.contextmanager
