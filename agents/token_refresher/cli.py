@@ -571,6 +571,7 @@ def _injector(
                 log.error("this node's pods could not be listed within 30 s")
                 return 1
             injector.tick()
+            injector.flush_events()
             return 0
         with serving(
             PROG, run.registry, heartbeat, args.metrics_address, stop=run.stop

@@ -143,13 +143,17 @@ def write_file(
     mode: int = 0o400,
     uid: int,
     gid: int,
+    durable: bool = False,
 ) -> WriteResult:
     """Make `path` inside the container a regular file with this content, mode and owner.
 
     `root` is the container's root: a path (opened here) or an fd from
     `open_root` (left open). `path` is absolute as the container sees it.
-    Skips the write when the file is already exactly right. Raises UnsafePath,
-    ReadOnly, NoSuchDirectory or InjectError; messages never hold the content.
+    Skips the write when the file is already exactly right. `durable` also
+    syncs the directory after the rename (a token file that must survive a
+    crash: a rotated refresh token); files rewritten on every refresh and
+    every start skip it. Raises UnsafePath, ReadOnly, NoSuchDirectory or
+    InjectError; messages never hold the content.
     """
     if not 0 <= mode <= 0o7777:
         raise ValueError(f"not a file mode: {mode:o}")
@@ -168,7 +172,7 @@ def write_file(
         if _in_place(dirfd, name, path, wanted):
             log.debug("%s: already up to date", path)
             return WriteResult(path, written=False, unchanged=True, bytes=0)
-        _replace(dirfd, name, path, wanted)
+        _replace(dirfd, name, path, wanted, durable=durable)
     finally:
         os.close(dirfd)
     log.debug("%s: wrote %d bytes", path, len(content))
@@ -310,8 +314,12 @@ def _read_up_to(fd: int, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def _replace(dirfd: int, name: str, path: str, wanted: _Wanted) -> None:
+def _replace(dirfd: int, name: str, path: str, wanted: _Wanted, *, durable: bool) -> None:
     """Write a temp file next to `name` and rename it over `name`.
+
+    The temp file is fsynced before the rename, so the name never points at
+    an empty file after a crash; with `durable` the directory is synced too,
+    so the rename itself survives one.
 
     rename(2) replaces the directory entry atomically and never follows a
     symlink at the destination: one swapped in after `_in_place` looked is
@@ -339,6 +347,8 @@ def _replace(dirfd: int, name: str, path: str, wanted: _Wanted) -> None:
         if isinstance(failure, OSError):
             raise _wrap(failure, path, "cannot write") from failure
         raise
+    if not durable:
+        return
     try:
         os.fsync(dirfd)  # the rename itself survives a crash
     except OSError as err:

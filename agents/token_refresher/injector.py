@@ -162,6 +162,9 @@ class Injector:
         self._last_full = -float("inf")
         self._watch_counts: dict[int, tuple[int, int]] = {}
         self._pool = ThreadPoolExecutor(config.workers, thread_name_prefix="inject")
+        # Events are posted by one thread of their own, in order: 500 new
+        # containers must not hold a Secret update back for 500 POSTs.
+        self._events = ThreadPoolExecutor(1, thread_name_prefix="events")
 
     # -- life cycle
 
@@ -177,6 +180,15 @@ class Injector:
         for cache in caches:
             cache.stop()
         self._pool.shutdown(wait=True)
+        # Events still queued are dropped: a stopping agent must not wait on an API.
+        self._events.shutdown(wait=True, cancel_futures=True)
+
+    def flush_events(self, timeout: float = 30.0) -> None:
+        """Wait (up to `timeout`) until the Events queued so far are posted."""
+        try:
+            self._events.submit(lambda: None).result(timeout)
+        except TimeoutError:
+            log.warning("Events still queued after %.0f s; dropping them", timeout)
 
     # -- watch callbacks (watch threads): mark, wake, return
 
@@ -491,7 +503,7 @@ class Injector:
         if self._recorder is None or self.config.dry_run:
             return
         self._metrics.api_call("create", "events")
-        self._recorder.emit(ref, type_, reason, message)
+        self._events.submit(self._recorder.emit, ref, type_, reason, message)
 
     def _export_states(self) -> None:
         counts = {"ok": 0, "failing": 0, "waiting": 0}

@@ -162,6 +162,7 @@ class LocalRefresher:
             mode=0o600,
             uid=stat.st_uid,
             gid=stat.st_gid,
+            durable=True,  # the rotated refresh token must survive a crash
         )
         self._adopt(new, hashlib.sha256(text).digest(), now)
         self._metrics.refreshes.labels("ok").inc()
