@@ -217,9 +217,10 @@ def test_files_land_in_the_named_containers_of_this_nodes_pods_only(cluster: Clu
         assert sorted(os.listdir(app.path("/tmp"))) == ["oauthtk_1000", "plain"]
         assert files_under(sidecar.root) == []
         assert files_under(elsewhere.root) == []
+        # Events are posted from a thread of their own, just after the writes.
+        wait_for(lambda: len(events(kube, "TokenInjected", "web")) == 2, 5)
         injected = events(kube, "TokenInjected", "web")
         assert {e["type"] for e in injected} == {"Normal"}
-        assert len(injected) == 2
         assert not events(kube, "TokenInjected", "far")
         assert agent.value("token_refresher_files", {"state": "ok"}) == 2
         assert agent.value(FILES_WRITTEN) == 2
