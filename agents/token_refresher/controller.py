@@ -111,6 +111,9 @@ class _State:
     pending_from: str = ""
     """The refresh token `pending` was obtained with."""
     state: str = "ok"
+    unreported: tuple[str, str, str] | None = None
+    """(Event reason, message, status) to report once this replica leads:
+    standbys parse too, but only the leader writes Events and annotations."""
     version: str = ""
     version_digest: bytes = b""
     """The resourceVersion last seen and its content digest."""
@@ -267,12 +270,17 @@ class Controller:
             # Hash the content only when the object changed (most passes see none).
             state.version, state.version_digest = version, secret_digest(secret)
         digest = state.version_digest
+        if digest not in (state.digest, state.final_digest):
+            self._adopt(key, secret, state, digest, now)
+        if state.unreported is not None and self._leading():
+            reason, message, status = state.unreported
+            state.unreported = None
+            if reason:
+                self._report(secret, reason, message, status=status)
+            else:
+                self._set_status(secret, status)
         if digest == state.final_digest:
             return
-        if digest != state.digest:
-            self._adopt(key, secret, state, digest, now)
-            if state.final_digest == digest:
-                return
         token = state.token
         assert token is not None and state.secret is not None
         if token.expires_at is not None:
@@ -303,12 +311,12 @@ class Controller:
             state.state = "invalid"
             self._metrics.refreshes.labels(err.kind).inc()
             log.error("token Secret %s cannot be refreshed: %s", key, err)
-            self._report(secret, "InvalidTokenSecret", str(err), status=f"{err.kind}: {err}")
+            state.unreported = ("InvalidTokenSecret", str(err), f"{err.kind}: {err}")
             return
         state.secret, state.token, state.token_url, state.state = parsed, token, url, "ok"
         status = ((secret.get("metadata") or {}).get("annotations") or {}).get(STATUS_ANNOTATION)
-        if status not in (None, "ok"):
-            self._set_status(secret, "ok")  # new content: the old complaint is moot
+        # New content: an old complaint is moot (else nothing to say).
+        state.unreported = ("", "", "ok") if status not in (None, "ok") else None
         if foreign:
             # No absolute expiry: written by another tool (the seed's controller
             # stores the IdP's response as it came) at a time we cannot know.

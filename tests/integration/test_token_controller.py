@@ -430,3 +430,37 @@ def test_a_silent_idp_costs_one_timeout_per_pass_not_one_per_secret(
             within_1s = agent.value("token_refresher_tick_duration_seconds_bucket", {"le": "1.0"})
     assert ticks > 0 and within_1s == ticks, "a pass took over 1 s"
     assert idp.token_calls("refresh_token") == 0
+
+
+def test_a_standby_reports_nothing_and_writes_nothing(
+    kube: FakeKube, idp: TestIdP, tmp_path: Path
+) -> None:
+    broken = token_secret(idp, "broken")
+    del broken["data"]["clientSecret"]
+    kube.put(broken)
+    first = AgentThread(main, argv(kube, idp, tmp_path, "--identity", "replica-a"))
+    second = AgentThread(main, argv(kube, idp, tmp_path, "--identity", "replica-b"))
+    with first, second:
+        wait_for(
+            lambda: (
+                first.value("token_refresher_leader") + second.value("token_refresher_leader") == 1
+            ),
+            15,
+        )
+        wait_for(lambda: len(events(kube, "InvalidTokenSecret")) == 1, 10)
+        ticks = first.value("token_refresher_ticks_total") + second.value(
+            "token_refresher_ticks_total"
+        )
+        wait_for(
+            lambda: (
+                first.value("token_refresher_ticks_total")
+                + second.value("token_refresher_ticks_total")
+                >= ticks + 20
+            ),
+            10,
+        )
+        # Both parsed it; only the leader said so.
+        assert first.value("token_refresher_token_secrets", {"state": "invalid"}) == 1
+        assert second.value("token_refresher_token_secrets", {"state": "invalid"}) == 1
+        assert len(events(kube, "InvalidTokenSecret")) == 1
+        assert kube.count("PATCH", r"/api/v1/namespaces/default/secrets/broken") == 1
