@@ -386,9 +386,14 @@ def _local(
         return 0
     heartbeat = Heartbeat(max_age=3 * args.interval + 2 * args.request_timeout + 10)
     heartbeat.set_ready(True)
+
+    def tick() -> None:
+        refresher.tick()
+        run.loop_metrics.up.set(1 if refresher.token_file_readable else 0)
+
     with serving(PROG, run.registry, heartbeat, args.metrics_address, stop=run.stop) as stop_event:
         run_loop(
-            refresher.tick,
+            tick,
             interval=args.interval,
             stop=stop_event,
             iterations=run.iterations,
@@ -474,6 +479,12 @@ def _controller(
         recorder=EventRecorder(api_client, COMPONENT, config.lease.identity),
     )
     heartbeat = Heartbeat(max_age=3 * args.interval + 2 * idp.request_timeout + 30)
+
+    def tick() -> None:
+        controller.tick()
+        # Blind until the token Secrets are listed (a standby is not blind).
+        run.loop_metrics.up.set(1 if controller.synced else 0)
+
     controller.start()
     try:
         if args.once:
@@ -498,7 +509,7 @@ def _controller(
                 daemon=True,
             ).start()
             run_loop(
-                controller.tick,
+                tick,
                 interval=args.interval,
                 stop=stop_event,
                 wake=controller.wake,
@@ -564,6 +575,12 @@ def _injector(
         recorder=EventRecorder(api_client, COMPONENT, config.node_name),
     )
     heartbeat = Heartbeat(max_age=3 * args.interval + 60)
+
+    def tick() -> None:
+        injector.tick()
+        # Blind until this node's pods are listed.
+        run.loop_metrics.up.set(1 if injector.pods.synced else 0)
+
     injector.start()
     try:
         if args.once:
@@ -582,7 +599,7 @@ def _injector(
                 daemon=True,
             ).start()
             run_loop(
-                injector.tick,
+                tick,
                 interval=min(args.interval, 5.0),
                 stop=stop_event,
                 wake=injector.wake,

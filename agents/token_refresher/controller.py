@@ -241,7 +241,7 @@ class Controller:
                     "token Secret %s was deleted before its refreshed token was written", key
                 )
             with contextlib.suppress(KeyError):  # it may never have had an expiry
-                self._metrics.seconds_to_expiry.remove(key)
+                self._metrics.time_to_expiry.remove(key)
         self._export_states()
 
     def _leading(self) -> bool:
@@ -284,7 +284,7 @@ class Controller:
         token = state.token
         assert token is not None and state.secret is not None
         if token.expires_at is not None:
-            self._metrics.seconds_to_expiry.labels(key).set(token.expires_at - now)
+            self._metrics.time_to_expiry.labels(key).set(token.expires_at - now)
         if now < state.due or now < state.retry_at:
             return
         if state.token_url in self._unreachable:
@@ -477,7 +477,7 @@ class Controller:
             rng=self._rng,
         )
         if new.expires_at is not None:
-            self._metrics.seconds_to_expiry.labels(key).set(new.expires_at - now)
+            self._metrics.time_to_expiry.labels(key).set(new.expires_at - now)
         log.info(
             "token Secret %s refreshed; expires in %s, next refresh at %s",
             key,

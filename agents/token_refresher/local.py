@@ -84,6 +84,8 @@ class LocalRefresher:
         self._clock = clock
         self._state = _State()
         self.name = Path(config.token_file).name
+        self.token_file_readable = False
+        """Whether the last pass could read the token file (the agent's `up`)."""
 
     @property
     def token(self) -> Token | None:
@@ -94,9 +96,11 @@ class LocalRefresher:
         try:
             text = Path(self.config.token_file).read_bytes()
         except OSError as err:
+            self.token_file_readable = False
             self._metrics.refreshes.labels("token_file").inc()
             log.error("cannot read token file %s: %s", self.config.token_file, err.strerror)
             return
+        self.token_file_readable = True
         digest = hashlib.sha256(text).digest()
         if digest == state.final_digest:
             return  # refreshing failed for good with this content; wait for a new one
@@ -114,7 +118,7 @@ class LocalRefresher:
             current = self._refresh_now(current, digest, now) or current
         self._write_output(current)
         if current.expires_at is not None:
-            self._metrics.seconds_to_expiry.labels(self.name).set(current.expires_at - now)
+            self._metrics.time_to_expiry.labels(self.name).set(current.expires_at - now)
 
     def _adopt(self, token: Token, digest: bytes, now: float) -> None:
         state = self._state

@@ -24,9 +24,9 @@ def _refreshes(registry: CollectorRegistry) -> Counter:
     return counter
 
 
-def _seconds_to_expiry(registry: CollectorRegistry) -> Gauge:
+def _time_to_expiry(registry: CollectorRegistry) -> Gauge:
     return Gauge(
-        f"{PREFIX}_seconds_to_expiry",
+        f"{PREFIX}_time_to_expiry_seconds",
         "Seconds until the current access token expires (negative: expired); "
         "token is namespace/name of the Secret, or the token file's name.",
         ["token"],
@@ -65,7 +65,7 @@ class RefresherMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.refreshes = _refreshes(registry)
-        self.seconds_to_expiry = _seconds_to_expiry(registry)
+        self.time_to_expiry = _time_to_expiry(registry)
         self.files_written = _files_written(registry)
         self.injection_failures = _injection_failures(registry)
 
@@ -73,7 +73,7 @@ class RefresherMetrics:
 class ControllerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.refreshes = _refreshes(registry)
-        self.seconds_to_expiry = _seconds_to_expiry(registry)
+        self.time_to_expiry = _time_to_expiry(registry)
         self.api_calls = _api_calls(registry)
         self.leader = Gauge(
             f"{PREFIX}_leader",

@@ -148,6 +148,7 @@ def test_a_chain_of_refreshes_never_breaks_and_each_rotation_is_persisted_before
         kube.put(token_secret(idp))
         # IdP tokens live 2 s and are refreshed at ~80%: a chain of 6 in ~10 s.
         wait_for(lambda: agent.value("token_refresher_refreshes_total", {"result": "ok"}) >= 6, 30)
+        assert agent.value("token_refresher_up") == 1  # the Secrets are listed
     presented = [c.refresh_token for c in idp.calls if c.grant_type == "refresh_token"]
     states = history(kube, "hello-token", start)
     tokens = [json.loads(base64.b64decode(s["data"]["oauth"])) for s in states]

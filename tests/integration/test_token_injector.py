@@ -224,6 +224,7 @@ def test_files_land_in_the_named_containers_of_this_nodes_pods_only(cluster: Clu
         assert not events(kube, "TokenInjected", "far")
         assert agent.value("token_refresher_files", {"state": "ok"}) == 2
         assert agent.value(FILES_WRITTEN) == 2
+        assert agent.value("token_refresher_up") == 1  # this node's pods are listed
 
 
 # -- 2. a Secret update reaches the files at once, with no API call ---------------------

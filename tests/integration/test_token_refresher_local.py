@@ -183,6 +183,10 @@ def test_idp_down_keeps_the_current_token_and_backs_off(tmp_path: Path) -> None:
         assert ticks > agent.value("token_refresher_refreshes_total", {"result": "connection"})
         assert out.read_bytes() == b"still-good"
         assert json.loads(token_file.read_text())["access_token"] == "still-good"
+        # The IdP is down, not the agent's source: the token file is readable.
+        assert agent.value("token_refresher_up") == 1
+        token_file.unlink()
+        wait_for(lambda: agent.value("token_refresher_up") == 0, 5)
 
 
 @pytest.mark.parametrize(
