@@ -49,7 +49,6 @@ from agents.token_refresher.metrics import (
 )
 from agents.token_refresher.oauth import (
     InsecureURLError,
-    Token,
     check_token_url,
     quiet_token_loggers,
     refresh,
@@ -468,7 +467,7 @@ def _controller(
         api_client,
         config,
         refresh_fn=functools.partial(
-            _refresh_call,
+            refresh,
             auth_method=idp.auth_method,
             verify=idp.ca_bundle or True,
             allow_http=idp.allow_http,
@@ -522,29 +521,6 @@ def _controller(
     finally:
         elector.stop()
         controller.stop()
-
-
-def _refresh_call(
-    token_url: str,
-    token: Token,
-    client_id: str,
-    client_secret: str,
-    *,
-    auth_method: str,
-    verify: bool | str,
-    allow_http: bool,
-    timeout: float,
-) -> Token:
-    return refresh(
-        token_url,
-        token,
-        client_id,
-        client_secret,
-        auth_method=auth_method,
-        verify=verify,
-        allow_http=allow_http,
-        timeout=timeout,
-    )
 
 
 def _injector(

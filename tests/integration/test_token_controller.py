@@ -19,6 +19,7 @@ from hack.autofs_world import wait_for
 from tests.support.agent import AgentThread
 from tests.support.fake_kube import FakeKube, find_resource
 from tests.support.idp import IDP_LOGGERS, TestIdP, silent_port
+from tests.support.tokens import b64, token_of, token_secret_object
 
 CERN = "oauth2-refresh-controller.cern.ch"
 OURS = "token-refresher.node-agents.io"
@@ -35,10 +36,6 @@ def idp(tmp_path: Path) -> Iterator[TestIdP]:
 def kube() -> Iterator[FakeKube]:
     with FakeKube() as server:
         yield server
-
-
-def b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()
 
 
 def token_secret(
@@ -63,24 +60,13 @@ def token_secret(
         "clientSecret": idp.client_secret,
         **data,
     }
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "annotations": {f"{prefix}/is-token": "true"},
-        },
-        "type": "Opaque",
-        "data": {k: b64(v) for k, v in values.items() if v is not None},
-    }
+    return token_secret_object(name, values, namespace=namespace, prefix=prefix)
 
 
 def stored_token(kube: FakeKube, name: str = "hello-token", namespace: str = "default") -> Any:
     secret = kube.get("secrets", namespace, name)
     assert secret is not None
-    key = "oauth" if "oauth" in secret["data"] else "oauth2"
-    return json.loads(base64.b64decode(secret["data"][key]))
+    return token_of(secret)
 
 
 def status_of(kube: FakeKube, name: str) -> str | None:

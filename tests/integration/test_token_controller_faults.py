@@ -13,7 +13,6 @@ Retry-After when longer), counted from the start of the failed attempt.
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ from tests.support.agent import AgentThread
 from tests.support.fake_kube import FakeKube, find_resource
 from tests.support.idp import TestIdP
 from tests.support.netns import IsolatedIdPNetwork
+from tests.support.tokens import token_of, token_secret_object
 
 pytestmark = pytest.mark.root
 
@@ -75,10 +75,6 @@ def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-def b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()
-
-
 def seed_secret(kube: FakeKube, idp: TestIdP) -> dict[str, Any]:
     """A token Secret as a user leaves it, due now: issued a minute ago, and its
     access token expires 5 s from now (refreshes are due at 10-30% of a lifetime)."""
@@ -91,29 +87,13 @@ def seed_secret(kube: FakeKube, idp: TestIdP) -> dict[str, Any]:
         "clientID": idp.client_id,
         "clientSecret": idp.client_secret,
     }
-    return kube.put(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {
-                "name": NAME,
-                "namespace": NAMESPACE,
-                "annotations": {"oauth2-refresh-controller.cern.ch/is-token": "true"},
-            },
-            "type": "Opaque",
-            "data": {key: b64(value) for key, value in values.items()},
-        }
-    )
+    return kube.put(token_secret_object(NAME, values, namespace=NAMESPACE))
 
 
 def current_secret(kube: FakeKube) -> dict[str, Any]:
     secret = kube.get("secrets", NAMESPACE, NAME)
     assert secret is not None
     return secret
-
-
-def stored_token(secret: dict[str, Any]) -> Any:
-    return json.loads(base64.b64decode(secret["data"]["oauth"]))
 
 
 def argv(kube: FakeKube, idp: TestIdP, tmp_path: Path) -> list[str]:
@@ -219,17 +199,17 @@ def check_recovery(
     """The new token is in the Secret (status ok) and the chain goes on: the
     next refresh, at the controller's own pace, presents the rotated refresh
     token the controller stored."""
-    seed = stored_token(seeded)
+    seed = token_of(seeded)
     wait_for(lambda: STATUS in current_secret(kube)["metadata"]["annotations"], 5)
     current = current_secret(kube)
     assert current["metadata"]["annotations"][STATUS] == "ok"
-    assert stored_token(current)["access_token"] != seed["access_token"]
-    assert stored_token(current)["refresh_token"] != seed["refresh_token"]
+    assert token_of(current)["access_token"] != seed["access_token"]
+    assert token_of(current)["refresh_token"] != seed["refresh_token"]
     wait_for(lambda: agent.value(REFRESHES, {"result": "ok"}) >= 2, 10)
     answered = [c for c in idp.calls if c.grant_type == "refresh_token" and c.status == 200]
     assert answered[0].refresh_token == seed["refresh_token"]
     stored = {
-        stored_token(version)["refresh_token"]
+        token_of(version)["refresh_token"]
         for version in secret_versions(kube, seeded["metadata"]["resourceVersion"])
     }
     assert answered[1].refresh_token in stored - {seed["refresh_token"]}

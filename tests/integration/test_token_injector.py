@@ -7,7 +7,6 @@ Each test maps to an acceptance point of the injector.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from hack.containers import Container, ContainerWorld, new_pod_uid
 from tests.support.agent import AgentThread
 from tests.support.containers import build_init, container_world
 from tests.support.fake_kube import FakeKube
+from tests.support.tokens import token_secret_object
 
 pytestmark = pytest.mark.root
 
@@ -47,10 +47,6 @@ def eos(access_token: str) -> bytes:
 
 
 # -- the cluster ----------------------------------------------------------------------
-
-
-def b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()
 
 
 def token_json(access_token: str) -> str:
@@ -76,16 +72,7 @@ def token_secret(
     """A token Secret as users create them (data base64, the is-token annotation)."""
     if data is None:
         data = {"oauth": token_json(access_token), "clientID": "eos", "clientSecret": "s3cret"}
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "annotations": {f"{prefix}/is-token": "true"},
-        },
-        "data": {key: b64(value) for key, value in data.items()},
-    }
+    return token_secret_object(name, data, namespace=namespace, prefix=prefix)
 
 
 def template_map(name: str, template: str = EOS) -> dict[str, Any]:
