@@ -133,7 +133,11 @@ class AutofsWorld:
                 with contextlib.suppress(psutil.Error):
                     proc.send_signal(signal.SIGCONT)
         if self._automount is not None and self._automount.poll() is None:
-            # SIGTERM: automount unmounts its mounts and the autofs root.
+            # automount does not exit on SIGTERM while a severed mount (its
+            # daemon dead) is below the root: it cannot unmount it, and would
+            # hold stop() for the full wait. Detach what is below the root first.
+            force_unmount_under(self.root)
+            # SIGTERM: automount unmounts the autofs root.
             self._automount.terminate()
             try:
                 self._automount.wait(10)
