@@ -124,6 +124,9 @@ class _FileState:
     problem: str = ""
     """The reason and message last reported, so each is reported once."""
     state: str = "waiting"
+    unseen: str = ""
+    """A container ID whose processes were not found once: the pod status may
+    still say running for a container that just exited. Reported if it stays so."""
 
 
 class Injector:
@@ -338,8 +341,12 @@ class Injector:
             if state is None:
                 continue  # the pod went away meanwhile
             if isinstance(outcome, _Problem):
+                if outcome.reason == "no_process" and state.unseen != job.container_id:
+                    state.unseen = job.container_id  # once may be a race; twice is not
+                    outcome.waiting = True
                 self._problem(job.target, state, outcome)
                 continue
+            state.unseen = ""
             first = state.container_id != job.container_id
             state.container_id, state.digest, state.state = job.container_id, job.digest, "ok"
             if state.problem:

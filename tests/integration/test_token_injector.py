@@ -319,6 +319,30 @@ def test_a_restarted_container_gets_its_file_again(cluster: Cluster) -> None:
         wait_for(lambda: len(events(kube, "TokenInjected", "web")) == 2, 2)
 
 
+def test_a_container_that_just_exited_is_reported_only_if_it_stays_gone(
+    cluster: Cluster,
+) -> None:
+    """The pod status can say running for a moment after the container died:
+    one pass that finds no process waits; the next full pass reports it."""
+    kube = cluster.kube
+    kube.put(token_secret("tok"))
+    (gone,) = cluster.pod("gone", to_inject(entry()))
+    cluster.containers.kill(gone)
+    (good,) = cluster.pod("good", to_inject(entry()))
+    with cluster.injector(interval=60) as agent:  # one full pass at the start, no other
+        wait_for(lambda: has(file_of(good), b"at-1"), 10)
+        wait_for(lambda: agent.value("token_refresher_files", {"state": "waiting"}) == 1, 5)
+        time.sleep(0.5)
+        assert agent.value(FAILURES, {"reason": "no_process"}) == 0
+        assert not events(kube, "TokenInjectionFailed", "gone")
+    with cluster.injector(interval=0.3) as agent:  # full passes: still gone, so said once
+        wait_for(lambda: agent.value(FAILURES, {"reason": "no_process"}) == 1, 10)
+        wait_for(lambda: len(events(kube, "TokenInjectionFailed", "gone")) == 1, 5)
+        ticks = agent.value(TICKS)
+        wait_for(lambda: agent.value(TICKS) >= ticks + 5, 10)
+        assert len(events(kube, "TokenInjectionFailed", "gone")) == 1
+
+
 # -- 5. unchanged files are left alone ---------------------------------------------------
 
 
