@@ -72,6 +72,9 @@ NOT_FOUND = 404
 _DONE_PHASES = ("Succeeded", "Failed")
 # A full pass is due this share of `interval` after the last one (see tick()).
 FULL_PASS_DUE = 0.85
+# Seconds a running container may show no process before that is reported: the
+# kubelet notices an exit within a PLEG relist (1 s) and then updates the status.
+NO_PROCESS_GRACE = 10.0
 
 
 @dataclass(frozen=True)
@@ -124,9 +127,10 @@ class _FileState:
     problem: str = ""
     """The reason and message last reported, so each is reported once."""
     state: str = "waiting"
-    unseen: str = ""
-    """A container ID whose processes were not found once: the pod status may
-    still say running for a container that just exited. Reported if it stays so."""
+    unseen: tuple[str, float] = ("", 0.0)
+    """(container ID, since when) its processes were not found: the pod status
+    may say running for a while after the container exited. Reported only if
+    that lasts NO_PROCESS_GRACE."""
 
 
 class Injector:
@@ -341,12 +345,15 @@ class Injector:
             if state is None:
                 continue  # the pod went away meanwhile
             if isinstance(outcome, _Problem):
-                if outcome.reason == "no_process" and state.unseen != job.container_id:
-                    state.unseen = job.container_id  # once may be a race; twice is not
-                    outcome.waiting = True
+                if outcome.reason == "no_process":
+                    now = time.monotonic()
+                    if state.unseen[0] != job.container_id:
+                        state.unseen = (job.container_id, now)
+                    if now - state.unseen[1] < NO_PROCESS_GRACE:
+                        outcome.waiting = True
                 self._problem(job.target, state, outcome)
                 continue
-            state.unseen = ""
+            state.unseen = ("", 0.0)
             first = state.container_id != job.container_id
             state.container_id, state.digest, state.state = job.container_id, job.digest, "ok"
             if state.problem:

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+import agents.token_refresher.injector as injector_module
 from agents.token_refresher.cli import main
 from hack.autofs_world import wait_for
 from hack.containers import Container, ContainerWorld, new_pod_uid
@@ -320,22 +321,23 @@ def test_a_restarted_container_gets_its_file_again(cluster: Cluster) -> None:
 
 
 def test_a_container_that_just_exited_is_reported_only_if_it_stays_gone(
-    cluster: Cluster,
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The pod status can say running for a moment after the container died:
-    one pass that finds no process waits; the next full pass reports it."""
+    no process found is waited out for a grace period, then reported once."""
+    monkeypatch.setattr(injector_module, "NO_PROCESS_GRACE", 2.0)
     kube = cluster.kube
     kube.put(token_secret("tok"))
     (gone,) = cluster.pod("gone", to_inject(entry()))
     cluster.containers.kill(gone)
     (good,) = cluster.pod("good", to_inject(entry()))
-    with cluster.injector(interval=60) as agent:  # one full pass at the start, no other
+    with cluster.injector(interval=0.3) as agent:
         wait_for(lambda: has(file_of(good), b"at-1"), 10)
         wait_for(lambda: agent.value("token_refresher_files", {"state": "waiting"}) == 1, 5)
-        time.sleep(0.5)
+        time.sleep(1.0)  # several full passes within the grace: nothing said
         assert agent.value(FAILURES, {"reason": "no_process"}) == 0
         assert not events(kube, "TokenInjectionFailed", "gone")
-    with cluster.injector(interval=0.3) as agent:  # full passes: still gone, so said once
+        # Still gone after the grace: said, once.
         wait_for(lambda: agent.value(FAILURES, {"reason": "no_process"}) == 1, 10)
         wait_for(lambda: len(events(kube, "TokenInjectionFailed", "gone")) == 1, 5)
         ticks = agent.value(TICKS)
