@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import shutil
-import socket
 import subprocess
 import urllib.parse
 import urllib.request
@@ -15,16 +13,11 @@ import pytest
 
 from agents.mount_healer.cli import main
 from hack.autofs_world import AutofsWorld, wait_for
+from hack.prometheus import LocalPrometheus, free_port
 from tests.conftest import IN_CI
 from tests.support.agent import AgentThread
 
 pytestmark = pytest.mark.root
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def need(tool: str) -> str:
@@ -42,68 +35,28 @@ def get(url: str) -> bytes:
         return bytes(response.read())
 
 
-class Prometheus:
-    def __init__(self, workdir: Path, target: str) -> None:
-        self.port = free_port()
-        config = workdir / "prometheus.yml"
-        config.write_text(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
-            "scrape_configs:\n  - job_name: automount-healer\n"
-            f"    static_configs:\n      - targets: ['{target}']\n"
-        )
-        self._log = open(workdir / "prometheus.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [
-                need("prometheus"),
-                f"--config.file={config}",
-                f"--storage.tsdb.path={workdir / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def query(self, expr: str) -> float | None:
-        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode(
-            {"query": expr}
-        )
-        result = json.loads(get(url))["data"]["result"]
-        return float(result[0]["value"][1]) if result else None
-
-    def ready(self) -> bool:
-        try:
-            return get(f"http://127.0.0.1:{self.port}/-/ready").startswith(b"Prometheus")
-        except OSError:
-            return False
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
-
-
 @pytest.fixture
 def metrics_port() -> int:
     return free_port()
 
 
 @pytest.fixture
-def prometheus(workdir: Path, metrics_port: int) -> Iterator[Prometheus]:
-    need("prometheus")
-    prom = Prometheus(workdir, f"127.0.0.1:{metrics_port}")
+def prometheus(workdir: Path, metrics_port: int) -> Iterator[LocalPrometheus]:
+    prom = LocalPrometheus(
+        workdir / "prometheus",
+        {"automount-healer": f"127.0.0.1:{metrics_port}"},
+        binary=need("prometheus"),
+    )
     try:
+        prom.start()
         wait_for(prom.ready, 30, interval=0.2)
         yield prom
     finally:
-        prom.close()
+        prom.stop()
 
 
 def test_prometheus_scrapes_the_heal_counter(
-    world: AutofsWorld, prometheus: Prometheus, metrics_port: int
+    world: AutofsWorld, prometheus: LocalPrometheus, metrics_port: int
 ) -> None:
     world.access("repo1")
     argv = [
@@ -115,17 +68,17 @@ def test_prometheus_scrapes_the_heal_counter(
         f"127.0.0.1:{metrics_port}",
     ]
     with AgentThread(main, argv):
-        wait_for(lambda: prometheus.query("automount_healer_up") == 1, 20, interval=0.25)
-        assert prometheus.query("sum(automount_healer_heals_total)") in (None, 0)
+        wait_for(lambda: prometheus.total("automount_healer_up") == 1, 20, interval=0.25)
+        assert prometheus.total("sum(automount_healer_heals_total)") in (None, 0)
         world.kill_daemon("repo1")
         wait_for(lambda: world.mount("repo1") is None, 5)
         wait_for(
-            lambda: prometheus.query('automount_healer_heals_total{method="umount"}') == 1,
+            lambda: prometheus.total('automount_healer_heals_total{method="umount"}') == 1,
             20,
             interval=0.25,
         )
         root = str(world.root)
-        assert prometheus.query(f'automount_healer_mounts{{root="{root}"}}') is not None
+        assert prometheus.total(f'automount_healer_mounts{{root="{root}"}}') is not None
 
 
 def test_metrics_pass_promtool(world: AutofsWorld, metrics_port: int) -> None:
