@@ -93,13 +93,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> AgentArgumentParse
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     roles = parser.add_subparsers(dest="role", required=True, metavar="ROLE")
 
-    controller = roles.add_parser(
+    controller = _role(
+        roles,
         "controller",
-        help="refresh every token Secret (one active replica, elected through a Lease)",
-        env_prefix="TOKEN_REFRESHER",
+        "refresh every token Secret (one active replica, elected through a Lease)",
+        interval=5.0,
         environ=environ,
     )
-    add_common_flags(controller, interval=5.0, metrics_address=":9103")
     add_kube_flags(controller, node_help="unused by the controller")
     controller.add_argument(
         "--token-url",
@@ -154,13 +154,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> AgentArgumentParse
     )
     _add_idp_flags(controller)
 
-    injector = roles.add_parser(
+    injector = _role(
+        roles,
         "injector",
-        help="write access tokens into the containers of this node's pods",
-        env_prefix="TOKEN_REFRESHER",
+        "write access tokens into the containers of this node's pods",
+        interval=60.0,
         environ=environ,
     )
-    add_common_flags(injector, interval=60.0, metrics_address=":9103")
     add_kube_flags(injector, node_help="this node's name: only its pods get files")
     injector.add_argument(
         "--proc-root",
@@ -176,13 +176,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> AgentArgumentParse
         help="files written in parallel",
     )
 
-    local = roles.add_parser(
+    local = _role(
+        roles,
         "local",
-        help="refresh one token file in place and render it to one output file",
-        env_prefix="TOKEN_REFRESHER",
+        "refresh one token file in place and render it to one output file",
+        interval=30.0,
         environ=environ,
     )
-    add_common_flags(local, interval=30.0, metrics_address=":9103")
     local.add_argument(
         "--token-file",
         required=True,
@@ -215,6 +215,17 @@ def build_parser(environ: Mapping[str, str] | None = None) -> AgentArgumentParse
     )
     _add_idp_flags(local)
     return parser
+
+
+def _role(
+    roles: Any, name: str, help: str, *, interval: float, environ: Mapping[str, str] | None
+) -> AgentArgumentParser:
+    """A role's subcommand with the flags every agent has; metrics on :9103 for all."""
+    role: AgentArgumentParser = roles.add_parser(
+        name, help=help, env_prefix="TOKEN_REFRESHER", environ=environ
+    )
+    add_common_flags(role, interval=interval, metrics_address=":9103")
+    return role
 
 
 def _workers(text: str) -> int:
