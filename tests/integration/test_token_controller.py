@@ -451,3 +451,22 @@ def test_a_standby_reports_nothing_and_writes_nothing(
         assert second.value("token_refresher_token_secrets", {"state": "invalid"}) == 1
         assert len(events(kube, "InvalidTokenSecret")) == 1
         assert kube.count("PATCH", r"/api/v1/namespaces/default/secrets/broken") == 1
+
+
+def test_namespace_flags_limit_what_is_refreshed(
+    kube: FakeKube, idp: TestIdP, tmp_path: Path
+) -> None:
+    for namespace in ("team-a", "team-b"):
+        kube.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    args = argv(kube, idp, tmp_path, "--namespace", "team-a")
+    with AgentThread(main, args) as agent:
+        kube.put(token_secret(leading(agent) and idp, namespace="team-a"))
+        kube.put(token_secret(idp, namespace="team-b"))
+        wait_for(lambda: agent.value("token_refresher_refreshes_total", {"result": "ok"}) == 1, 15)
+        time.sleep(0.5)
+        assert agent.value("token_refresher_refreshes_total", {"result": "ok"}) == 1
+        assert agent.value("token_refresher_token_secrets", {"state": "ok"}) == 1
+    # Only team-a's Secrets were even listed.
+    assert kube.count("GET", r"/api/v1/secrets") == 0
+    assert kube.count("GET", r"/api/v1/namespaces/team-a/secrets") >= 1
+    assert kube.count("GET", r"/api/v1/namespaces/team-b/secrets") == 0
