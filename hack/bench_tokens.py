@@ -1,24 +1,25 @@
 """Benchmark of the token refresher (issue 4, acceptance 5). Needs root and gcc.
 
 One node with 500 annotated pods, each a real process chrooted into its own
-root directory in a kubelet-like cgroup (hack/containers.py), all using one
-token Secret with the EOS template. The controller and the injector run as
-their own processes (`python -m agents.token_refresher`), against the fake
-Kubernetes API over real HTTP and a real OAuth2 server (Canaille) on loopback
-whose access tokens live `--lifetime` seconds, so the controller refreshes the
-Secret every ~80 % of that. For each refresh it measures:
+root directory in a kubelet-like cgroup (hack/containers.py), sharing
+`--secrets` token Secrets round-robin (default one), with the EOS template.
+The controller and the injector run as their own processes (`python -m
+agents.token_refresher`), against the fake Kubernetes API over real HTTP and a
+real OAuth2 server (Canaille) on loopback whose access tokens live
+`--lifetime` seconds, so the controller refreshes each Secret every ~80 % of
+that. After the start, for `--refreshes` refreshes of every Secret it measures:
 
-- the time from the Secret's update (its new resourceVersion, seen by polling
-  the API server's store every millisecond) until the first and until all 500
-  files in the containers hold the new access token;
-- the Kubernetes API requests made between two refreshes, by kind (the Lease
-  renewals of the controller are counted apart: they are periodic, not per
-  refresh), and the IdP calls;
+- the time from a Secret's update (its new token, seen by polling the API
+  server's store every 2 ms) until the first and until all the files of the
+  pods using it hold the new access token;
+- the Kubernetes API requests per refresh, by kind (the controller's Lease
+  renewals are periodic, not per refresh), and the IdP calls per refresh;
 - the injector's CPU time per refresh; its RSS at the end.
 
-    sudo .venv/bin/python -m hack.bench_tokens [--pods 500] [--refreshes 5]
+    sudo .venv/bin/python -m hack.bench_tokens [--pods 500] [--secrets 1] [--refreshes 5]
 
-Prints a Markdown table (the README's figures) and writes hack/results/bench_tokens.json.
+Prints a Markdown table (the README's figures) and writes
+hack/results/bench_tokens_<secrets>.json.
 """
 
 from __future__ import annotations
