@@ -125,24 +125,46 @@ def kustomize(directory: Path) -> list[Doc]:
 # --- (a) the YAML as written ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", sorted(BASE.glob("*.yaml")), ids=lambda p: p.name)
-def test_every_yaml_document_is_a_kubernetes_object(path: Path) -> None:
+# Each agent's base directory -> (its app name label, the one example file in
+# it that is deliberately not a resource).
+BASES = {
+    "mount-healer": ("automount-healer", "sidecar-snippet.yaml"),
+    "gpu-enforcer": ("gpu-mem-enforcer", "time-slicing-config.yaml"),
+    "token-refresher": ("token-refresher", "example.yaml"),
+}
+BASE_FILES = [
+    (base, path) for base in BASES for path in sorted((REPO / "manifests" / base).glob("*.yaml"))
+]
+
+
+@pytest.mark.parametrize(("base", "path"), BASE_FILES, ids=[f"{b}/{p.name}" for b, p in BASE_FILES])
+def test_every_yaml_document_is_a_kubernetes_object(base: str, path: Path) -> None:
     docs = load_docs(path)
-    assert docs, f"{path.name} has no YAML documents"
+    assert docs, f"{base}/{path.name} has no YAML documents"
     for doc in docs:
         assert isinstance(doc, dict), f"{path.name}: a document is not a mapping"
         assert doc.get("apiVersion") and doc.get("kind"), f"{path.name}: no apiVersion/kind"
 
 
-def test_kustomization_lists_existing_files_and_all_of_them() -> None:
-    kust = kustomization()
+@pytest.mark.parametrize("base", sorted(BASES))
+def test_kustomization_lists_existing_files_and_all_of_them(base: str) -> None:
+    """Every manifest but the example is a resource; one namespace, one app label."""
+    directory = REPO / "manifests" / base
+    app, example = BASES[base]
+    (kust,) = load_docs(directory / "kustomization.yaml")
     listed = kust["resources"]
     for name in listed:
-        assert (BASE / name).is_file(), f"kustomization lists missing file {name}"
-    on_disk = {p.name for p in BASE.glob("*.yaml")} - {"kustomization.yaml", SIDECAR}
-    assert on_disk == set(listed), "every manifest except the sidecar example is a resource"
-    assert SIDECAR not in listed
+        assert (directory / name).is_file(), f"kustomization lists missing file {name}"
+    on_disk = {p.name for p in directory.glob("*.yaml")} - {"kustomization.yaml", example}
+    assert on_disk == set(listed), "every manifest except the example is a resource"
+    assert example not in listed, "an example belongs elsewhere (a user's namespace, a chart)"
     assert kust["namespace"] == NAMESPACE
+    (labels,) = kust["labels"]
+    assert labels["pairs"] == {
+        "app.kubernetes.io/name": app,
+        "app.kubernetes.io/part-of": NAMESPACE,
+    }
+    assert labels["includeSelectors"] is True
 
 
 @pod_spec_params

@@ -197,32 +197,6 @@ role_params = pytest.mark.parametrize("role", ROLES)
 # --- (a) the YAML as written ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", sorted(BASE.glob("*.yaml")), ids=lambda p: p.name)
-def test_every_yaml_document_is_a_kubernetes_object(path: Path) -> None:
-    docs = load_docs(path)
-    assert docs, f"{path.name} has no YAML documents"
-    for doc in docs:
-        assert isinstance(doc, dict), f"{path.name}: a document is not a mapping"
-        assert doc.get("apiVersion") and doc.get("kind"), f"{path.name}: no apiVersion/kind"
-
-
-def test_kustomization_lists_existing_files_and_all_of_them() -> None:
-    kust = kustomization()
-    listed = kust["resources"]
-    for name in listed:
-        assert (BASE / name).is_file(), f"kustomization lists missing file {name}"
-    on_disk = {p.name for p in BASE.glob("*.yaml")} - {"kustomization.yaml", SAMPLE}
-    assert on_disk == set(listed), "every manifest except the user example is a resource"
-    assert SAMPLE not in listed, "the example belongs in a user's namespace"
-    assert kust["namespace"] == NAMESPACE
-    (labels,) = kust["labels"]
-    assert labels["pairs"] == {
-        "app.kubernetes.io/name": APP,
-        "app.kubernetes.io/part-of": NAMESPACE,
-    }
-    assert labels["includeSelectors"] is True
-
-
 @role_params
 def test_command_is_the_console_script_and_the_role(role: str) -> None:
     assert APP in console_scripts()
