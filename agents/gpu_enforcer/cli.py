@@ -29,6 +29,7 @@ from agents.common.settings import (
     ConfigError,
     add_common_flags,
     add_kube_flags,
+    int_between,
     non_negative_float,
     positive_float,
     redacted,
@@ -64,16 +65,6 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1: {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
     return value
 
 
@@ -130,7 +121,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> AgentArgumentParse
     )
     parser.add_argument(
         "--replicas",
-        type=_positive_int,
+        type=int_between(1),
         default=None,
         env="REPLICAS",
         help="time-slicing replicas per card (default: device-plugin config, "

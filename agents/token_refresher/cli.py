@@ -36,6 +36,7 @@ from agents.common.settings import (
     ConfigError,
     add_common_flags,
     add_kube_flags,
+    int_between,
     positive_float,
     redacted,
 )
@@ -170,7 +171,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> AgentArgumentParse
     )
     injector.add_argument(
         "--workers",
-        type=_workers,
+        type=int_between(1, 64),
         default=8,
         env="WORKERS",
         help="files written in parallel",
@@ -226,16 +227,6 @@ def _role(
     )
     add_common_flags(role, interval=interval, metrics_address=":9103")
     return role
-
-
-def _workers(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 1 <= value <= 64:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 64: {text!r}")
-    return value
 
 
 def _add_idp_flags(parser: AgentArgumentParser) -> None:
