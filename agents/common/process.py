@@ -66,11 +66,17 @@ class ProcessRef:
     """One process for its whole life: its PID and its start time.
 
     `start_time` is field 22 of `/proc/<pid>/stat`, clock ticks since boot. Two
-    processes share both only if the PID space wraps within one tick (10 ms).
+    processes share both if a PID is reaped and handed out again within one
+    tick (10 ms), which a test forcing `ns_last_pid` does easily. So a ref
+    taken through a pidfd also keeps `pidfd_inode`: on pidfs (Linux 6.9+)
+    every process gets its own inode number, never reused before reboot, which
+    makes the identity exact. Older kernels give every pidfd one shared
+    anonymous inode, so there it adds nothing and takes nothing away.
     """
 
     pid: int
     start_time: int
+    pidfd_inode: int | None = None
 
     def __post_init__(self) -> None:
         # 0 and negative numbers mean process groups to kill(2); never let one in.
@@ -83,6 +89,16 @@ class ProcessRef:
     def of(cls, pid: int, proc_root: ProcRoot = "/proc") -> ProcessRef:
         """The process that has `pid` now. Raises ProcessGone if there is none."""
         return cls(pid, _start_time(_stat_fields(pid, proc_root)))
+
+    @classmethod
+    def of_pinned(cls, pidfd: int, pid: int, proc_root: ProcRoot = "/proc") -> ProcessRef:
+        """The process that `pidfd` (opened on `pid` just before) names.
+
+        Raises ProcessGone if `pid` has no process any more: then the number is
+        free or taken by another, so the start time read would not be the
+        pinned process's (`_open_verified` says why the order is exact).
+        """
+        return cls(pid, _start_time(_stat_fields(pid, proc_root)), os.fstat(pidfd).st_ino)
 
     def describe(self) -> str:
         return f"pid {self.pid} (started {self.start_time} ticks after boot)"
@@ -236,8 +252,10 @@ def _open_verified(ref: ProcessRef, proc_root: ProcRoot) -> int:
             err.errno, f"cannot open a pidfd for {ref.describe()}: {err.strerror}"
         ) from err
     try:
-        now = ProcessRef.of(ref.pid, proc_root)
-        if now.start_time != ref.start_time:
+        now = ProcessRef.of_pinned(pidfd, ref.pid, proc_root)
+        if now.start_time != ref.start_time or (
+            ref.pidfd_inode is not None and now.pidfd_inode != ref.pidfd_inode
+        ):
             raise ProcessReplaced(
                 f"{ref.describe()}: that pid now belongs to another process "
                 f"(started {now.start_time} ticks after boot)"
@@ -323,7 +341,7 @@ class LiveProcesses(Generic[T]):
         except OSError as err:
             raise ProcessError(err.errno, f"cannot open a pidfd for pid {pid}") from err
         try:
-            ref = ProcessRef.of(pid, self.proc_root)
+            ref = ProcessRef.of_pinned(pidfd, pid, self.proc_root)
             fact = learn(ref)
         except BaseException:
             os.close(pidfd)

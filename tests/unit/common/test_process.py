@@ -247,6 +247,44 @@ def test_recheck_reads_the_given_proc_root(spawn: Spawn, tmp_path: Path) -> None
     assert alive(child)
 
 
+def _pinned(pid: int) -> ProcessRef:
+    pidfd = os.pidfd_open(pid)
+    try:
+        return ProcessRef.of_pinned(pidfd, pid)
+    finally:
+        os.close(pidfd)
+
+
+def test_a_pinned_ref_is_the_same_process_each_time(spawn: Spawn) -> None:
+    child = sleeper(spawn)
+    assert _pinned(child.pid) == _pinned(child.pid)
+    assert _pinned(child.pid).start_time == ProcessRef.of(child.pid).start_time
+
+
+def test_same_pid_and_start_tick_but_another_pidfd_inode_is_refused(spawn: Spawn) -> None:
+    """PID reuse within one clock tick: the start time matches, the process does not.
+
+    What `ns_last_pid` makes easy and a busy node makes possible: the process
+    a ref was taken from is reaped and its PID handed out again within 10 ms.
+    The newcomer's start time then equals the ref's; only pidfs's per-process
+    inode tells them apart.
+    """
+    gone, newcomer = sleeper(spawn), sleeper(spawn)
+    old_inode = _pinned(gone.pid).pidfd_inode
+    now = _pinned(newcomer.pid)
+    if now.pidfd_inode == old_inode:
+        pytest.skip("pidfds share one inode on this kernel (no pidfs, before Linux 6.9)")
+    # The newcomer's PID and start tick, with the departed process's inode.
+    stale = ProcessRef(newcomer.pid, now.start_time, old_inode)
+    with pytest.raises(ProcessReplaced, match="another process"):
+        signal_process(stale, signal.SIGKILL)
+    assert terminate(stale, grace=0.1) == "gone"
+    time.sleep(0.1)
+    assert alive(newcomer)
+    signal_process(now, signal.SIGTERM)
+    assert newcomer.wait(timeout=5) == -signal.SIGTERM
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
 def test_not_permitted_is_an_error_not_gone(spawn: Spawn) -> None:
     """EPERM must not read as "gone": the enforcer would think it had acted."""
@@ -383,7 +421,7 @@ def test_live_processes_forget_a_process_when_it_exits() -> None:
     child = subprocess.Popen(["sleep", "60"])
     try:
         ref, fact = table.add(child.pid, lambda r: f"learned {r.pid}")
-        assert (ref, fact) == (ProcessRef.of(child.pid), f"learned {child.pid}")
+        assert (ref, fact) == (_pinned(child.pid), f"learned {child.pid}")
         table.prune()
         assert table.get(child.pid) == (ref, fact)
         child.kill()
