@@ -182,7 +182,11 @@ def main(
         metrics=metrics,
         notify=notify,
     )
-    registry.register(SweepStateCollector(lambda: healer.last_reports, lambda: healer.last_roots))
+    registry.register(
+        SweepStateCollector(
+            lambda: healer.last_reports, lambda: healer.last_roots, healer.recent_heals
+        )
+    )
 
     if config.once:
         try:

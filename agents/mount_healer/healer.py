@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -37,6 +39,9 @@ log = logging.getLogger(__name__)
 
 Notify = Callable[[str, str, str], None]
 """(type, reason, message) -> posts a Kubernetes Event; no-op in local mode."""
+
+REPEAT_WINDOW = 3600.0
+"""Seconds over which heals of one mount point are counted (`recent_heals`)."""
 
 
 class Verdict(StrEnum):
@@ -144,6 +149,11 @@ class Healer:
         self._fd_scan: FuseFdScan | None = None
         self._layout: list[tuple[Mount, Mount, int]] = []
         self._layout_of: MountTable | None = None
+        # (root, mount point) -> monotonic times of its heals within REPEAT_WINDOW.
+        # A mount point healed again and again is a FUSE daemon that dies after
+        # every remount; mount points come from the autofs maps, so few keys.
+        self._heal_times: dict[tuple[str, str], deque[float]] = {}
+        self._heal_times_lock = threading.Lock()  # the scrape thread reads them
 
     # -- the sweep -------------------------------------------------------
 
@@ -403,8 +413,35 @@ class Healer:
         self._metrics.heals.labels(method).inc()
         if aborted:
             cand.details.append("aborted then healed")
-        log.warning("healed severed %s (%s)", path, cand.action)
-        self._event("Normal", "FuseMountHealed", f"unmounted severed FUSE mount {path} ({method})")
+        times = self._count_heal(cand)
+        again = f"; healed {times} times in the last hour" if times > 1 else ""
+        log.warning("healed severed %s (%s)%s", path, cand.action, again)
+        self._event(
+            "Normal", "FuseMountHealed", f"unmounted severed FUSE mount {path} ({method}){again}"
+        )
+
+    def recent_heals(self) -> dict[tuple[str, str], int]:
+        """Heals per (root, mount point) in the last REPEAT_WINDOW seconds; only healed ones."""
+        with self._heal_times_lock:
+            self._forget_old_heals()
+            return {key: len(times) for key, times in self._heal_times.items()}
+
+    def _count_heal(self, cand: _Candidate) -> int:
+        """Remember a heal of this mount point; how many it had in the window, this one too."""
+        with self._heal_times_lock:
+            key = (cand.root.mountpoint, cand.mount.mountpoint)
+            self._heal_times.setdefault(key, deque()).append(self._clock())
+            self._forget_old_heals()
+            return len(self._heal_times[key])
+
+    def _forget_old_heals(self) -> None:
+        horizon = self._clock() - REPEAT_WINDOW
+        for key in list(self._heal_times):
+            times = self._heal_times[key]
+            while times and times[0] <= horizon:
+                times.popleft()
+            if not times:
+                del self._heal_times[key]
 
     # -- helpers ---------------------------------------------------------
 

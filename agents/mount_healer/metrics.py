@@ -7,7 +7,7 @@ the healer's last report by `SweepStateCollector`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -90,15 +90,17 @@ class HealerMetrics:
 
 
 class SweepStateCollector(Collector):
-    """Mounts by root and verdict, and autofs roots, as of the last sweep."""
+    """Mounts by root and verdict and autofs roots as of the last sweep; recent heals."""
 
     def __init__(
         self,
         last_reports: Callable[[], Sequence[MountReport]],
         roots: Callable[[], Sequence[str]],
+        recent_heals: Callable[[], Mapping[tuple[str, str], int]],
     ) -> None:
         self._last_reports = last_reports
         self._roots = roots
+        self._recent_heals = recent_heals
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         mounts = GaugeMetricFamily(
@@ -119,6 +121,15 @@ class SweepStateCollector(Collector):
         roots = GaugeMetricFamily(f"{PREFIX}_autofs_roots", "autofs roots the healer watches.")
         roots.add_metric([], len(self._roots()))
         yield roots
+        recent = GaugeMetricFamily(
+            f"{PREFIX}_recent_heals",
+            "Heals of this mount point in the last hour; only mount points healed in that "
+            "hour have a series.",
+            labels=["root", "mountpoint"],
+        )
+        for (root, mountpoint), n in sorted(self._recent_heals().items()):
+            recent.add_metric([root, mountpoint], n)
+        yield recent
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         return iter(())

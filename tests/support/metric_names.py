@@ -62,7 +62,11 @@ def _healer() -> CollectorRegistry:
         conn_id=73,
         verdict=Verdict.SEVERED,
     )
-    registry.register(healer_metrics.SweepStateCollector(lambda: [severed], lambda: ["/cvmfs"]))
+    registry.register(
+        healer_metrics.SweepStateCollector(
+            lambda: [severed], lambda: ["/cvmfs"], lambda: {("/cvmfs", "/cvmfs/atlas.cern.ch"): 3}
+        )
+    )
     return registry
 
 

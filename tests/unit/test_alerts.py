@@ -161,24 +161,28 @@ CASES = [
     ),
     Case(
         "AutomountHealerHealsRepeating",
-        "a mount is severed again every minute",
+        "one mount is severed again after every remount",
         {
-            s("automount_healer_mounts", HEALER, root="/cvmfs", verdict="healthy"): "2x90",
-            s("automount_healer_heals_total", HEALER, method="umount"): "0+1x90",
-            s("automount_healer_heals_total", HEALER, method="detach"): "0x90",
+            s(
+                "automount_healer_recent_heals", HEALER, root="/cvmfs", mountpoint="/cvmfs/a"
+            ): "1x10 2x10 3x10",
+            s(
+                "automount_healer_recent_heals", HEALER, root="/cvmfs", mountpoint="/cvmfs/b"
+            ): "1x30",
         },
-        ("70m",),
-        (Firing(keep(HEALER, *AGENT_POD)),),
+        ("25m",),
+        (Firing(keep(HEALER, *AGENT_POD, root="/cvmfs", mountpoint="/cvmfs/a"), 3),),
     ),
     Case(
         "AutomountHealerHealsRepeating",
         "a CSI plugin restart severs all 20 mounts once",
         {
-            s("automount_healer_mounts", HEALER, root="/cvmfs", verdict="healthy"): "20x90",
-            s("automount_healer_heals_total", HEALER, method="umount"): "0x10 20x80",
-            s("automount_healer_heals_total", HEALER, method="detach"): "0x90",
+            s(
+                "automount_healer_recent_heals", HEALER, root="/cvmfs", mountpoint=f"/cvmfs/r{i}"
+            ): "1x30"
+            for i in range(20)
         },
-        ("30m", "70m"),
+        ("5m", "25m"),
     ),
     Case(
         "AutomountHealerHungMounts",

@@ -870,7 +870,9 @@ def test_sweep_state_collector_counts_mounts_by_root_and_verdict(severed_a: Node
     node.connection(42)
     healer = node.healer()
     node.registry.register(
-        SweepStateCollector(lambda: healer.last_reports, lambda: healer.last_roots)
+        SweepStateCollector(
+            lambda: healer.last_reports, lambda: healer.last_roots, healer.recent_heals
+        )
     )
 
     assert node.sample("mounts", root="/cvmfs", verdict="healthy") is None
@@ -886,6 +888,48 @@ def test_sweep_state_collector_counts_mounts_by_root_and_verdict(severed_a: Node
 
     assert node.sample("mounts", root="/cvmfs", verdict="healthy") == 2
     assert node.sample("mounts", root="/cvmfs", verdict="severed") == 0
+
+
+def test_a_mount_point_severed_after_every_remount_is_counted_per_mount_point(
+    severed_a: Node,
+) -> None:
+    """What AutomountHealerHealsRepeating needs: heals per mount point in the last hour."""
+    node = severed_a
+    healer = node.healer()
+    node.registry.register(
+        SweepStateCollector(
+            lambda: healer.last_reports, lambda: healer.last_roots, healer.recent_heals
+        )
+    )
+    assert node.sample("recent_heals", root="/cvmfs", mountpoint="/cvmfs/a") is None
+    for remount in range(3):
+        if remount:
+            # autofs mounted it again; the new daemon died as well.
+            node.clock.advance(600)
+            node.mountinfo.add(fuse(60 + remount, "/cvmfs/a", f"0:{70 + remount}"))
+            node.connection(70 + remount, ABORTED)
+        assert only([r for r in healer.sweep() if r.mountpoint == "/cvmfs/a"]).action == "unmounted"
+
+    assert node.sample("recent_heals", root="/cvmfs", mountpoint="/cvmfs/a") == 3
+    assert node.sample("recent_heals", root="/cvmfs", mountpoint="/cvmfs/b") is None
+    assert node.sample("heals_total", method="umount") == 3
+    healed = [m for _, reason, m in node.events if reason == "FuseMountHealed"]
+    assert healed[0] == "unmounted severed FUSE mount /cvmfs/a (umount)"
+    assert healed[2].endswith("; healed 3 times in the last hour")
+    # An hour after the first heal it drops out of the count; the series ends
+    # an hour after the last.
+    node.clock.advance(3600 - 1200)
+    assert node.sample("recent_heals", root="/cvmfs", mountpoint="/cvmfs/a") == 2
+    node.clock.advance(1200)
+    assert node.sample("recent_heals", root="/cvmfs", mountpoint="/cvmfs/a") is None
+
+
+def test_a_dry_run_counts_no_heal_per_mount_point(severed_a: Node) -> None:
+    healer = severed_a.healer(dry_run=True)
+    for _ in range(3):
+        healer.sweep()
+    assert healer.recent_heals() == {}
+    assert severed_a.sample("dry_run_heals_total") == 3
 
 
 def test_one_unreadable_connection_does_not_stop_the_sweep(severed_a: Node) -> None:
