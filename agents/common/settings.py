@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, NoReturn
@@ -86,6 +87,27 @@ def int_between(low: int, high: int | None = None) -> Callable[[str], int]:
         return value
 
     return convert
+
+
+# The label selector grammar of k8s.io/apimachinery/pkg/labels (selector.go):
+# comma-separated terms `key`, `!key`, `key=value`, `key==value`, `key!=value`,
+# `key in (v1,v2)`, `key notin (v1,v2)`; a key may have a DNS-subdomain prefix.
+_LABEL_NAME = r"[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_LABEL_KEY = rf"(?:[a-z0-9](?:[-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_LABEL_NAME}"
+_LABEL_VALUE = rf"(?:{_LABEL_NAME})?"
+_VALUE_SET = rf"\(\s*{_LABEL_VALUE}(?:\s*,\s*{_LABEL_VALUE})*\s*\)"
+_LABEL_TERM = (
+    rf"\s*(?:!\s*{_LABEL_KEY}|{_LABEL_KEY}"
+    rf"(?:\s*(?:==?|!=)\s*{_LABEL_VALUE}|\s+(?:in|notin)\s*{_VALUE_SET})?)\s*"
+)
+_LABEL_SELECTOR = re.compile(rf"{_LABEL_TERM}(?:,{_LABEL_TERM})*")
+
+
+def label_selector(text: str) -> str:
+    """argparse type: a Kubernetes label selector, checked here rather than by a 400 later."""
+    if text.strip() and not _LABEL_SELECTOR.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"not a label selector: {text!r}")
+    return text.strip()
 
 
 def boolean(text: str) -> bool:

@@ -37,6 +37,7 @@ from agents.common.settings import (
     add_common_flags,
     add_kube_flags,
     int_between,
+    label_selector,
     positive_float,
     redacted,
 )
@@ -153,6 +154,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> AgentArgumentParse
         env="RENEW_INTERVAL",
         help="seconds between Lease renewals (and candidates' attempts)",
     )
+    _add_secret_selector(controller)
     _add_idp_flags(controller)
 
     injector = _role(
@@ -176,6 +178,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> AgentArgumentParse
         env="WORKERS",
         help="files written in parallel",
     )
+    _add_secret_selector(injector)
 
     local = _role(
         roles,
@@ -227,6 +230,20 @@ def _role(
     )
     add_common_flags(role, interval=interval, metrics_address=":9103")
     return role
+
+
+def _add_secret_selector(parser: AgentArgumentParser) -> None:
+    # Token Secrets are found by annotation, which the API server cannot
+    # filter on: without a selector every Secret is listed, then dropped.
+    parser.add_argument(
+        "--secret-selector",
+        type=label_selector,
+        default="",
+        env="SECRET_SELECTOR",
+        help="list and watch only the Secrets with these labels (a label selector such as "
+        "token-refresher.node-agents.io/token=true); the is-token annotation is still "
+        "required (default: every Secret)",
+    )
 
 
 def _add_idp_flags(parser: AgentArgumentParser) -> None:
@@ -425,6 +442,7 @@ def _controller_config(args: argparse.Namespace) -> ControllerConfig:
             renew_interval=args.renew_interval,
         ),
         namespaces=tuple(args.namespaces),
+        secret_selector=args.secret_selector,
         interval=args.interval,
         dry_run=args.dry_run,
     )
@@ -539,6 +557,7 @@ def _injector(
         interval=args.interval,
         dry_run=args.dry_run,
         workers=args.workers,
+        secret_selector=args.secret_selector,
     )
     log.info(
         "%s %s injector starting with %s",

@@ -50,6 +50,8 @@ class ControllerConfig:
     lease: LeaseConfig = field(default_factory=LeaseConfig)
     namespaces: tuple[str, ...] = ()
     """Namespaces whose token Secrets are refreshed; empty: all."""
+    secret_selector: str = ""
+    """Label selector the Secrets are listed with; empty: every Secret."""
     interval: float = 5.0
     """Longest sleep between passes over the Secrets (a Secret change wakes it)."""
     dry_run: bool = False
@@ -70,3 +72,5 @@ class InjectorConfig:
     dry_run: bool = False
     workers: int = 8
     """Files written in parallel (fsync dominates a write)."""
+    secret_selector: str = ""
+    """Label selector the Secrets are listed with; empty: every Secret."""

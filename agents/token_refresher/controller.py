@@ -186,6 +186,7 @@ class Controller:
                 api_client,
                 "secrets",
                 namespace=namespace,
+                label_selector=config.secret_selector,
                 keep=is_token_secret,
                 on_change=self._changed,
             )

@@ -288,10 +288,13 @@ class Injector:
             raise _Problem("no_secret", "the token Secrets are not listed yet", waiting=True)
         secret = cache.named(target.namespace, injection.secret_name)
         if secret is None:
+            selector = self.config.secret_selector
             raise _Problem(
                 "no_secret",
                 f"no token Secret {injection.secret_name} in namespace {target.namespace} "
-                '(a Secret annotated is-token: "true")',
+                '(a Secret annotated is-token: "true"'
+                + (f" with labels {selector}" if selector else "")
+                + ")",
             )
         try:
             token_json = parse_token_secret(secret).token_json
@@ -432,6 +435,7 @@ class Injector:
                     self.api_client,
                     "secrets",
                     namespace=namespace,
+                    label_selector=self.config.secret_selector,
                     keep=is_token_secret,
                     on_change=self._secret_changed,
                 )

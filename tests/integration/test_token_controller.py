@@ -379,6 +379,7 @@ def test_once_refreshes_what_is_due_and_exits(kube: FakeKube, idp: TestIdP, tmp_
         (["controller", "--token-url", "http://idp.example/token"], "http"),
         (["controller", "--renew-interval", "40"], "lease-duration"),
         (["injector"], "node-name"),
+        (["controller", "--secret-selector", "tier in prod"], "label selector"),
     ],
 )
 def test_bad_cluster_configuration_exits_2(
@@ -470,3 +471,24 @@ def test_namespace_flags_limit_what_is_refreshed(
     assert kube.count("GET", r"/api/v1/secrets") == 0
     assert kube.count("GET", r"/api/v1/namespaces/team-a/secrets") >= 1
     assert kube.count("GET", r"/api/v1/namespaces/team-b/secrets") == 0
+
+
+def test_a_secret_selector_lists_only_labelled_secrets(
+    kube: FakeKube, idp: TestIdP, tmp_path: Path
+) -> None:
+    """Token Secrets are found by annotation, which the API server cannot filter:
+    a label selector keeps the others from even being listed."""
+    args = argv(kube, idp, tmp_path, "--secret-selector", "node-agents.io/token=true")
+    with AgentThread(main, args) as agent:
+        labelled = token_secret(leading(agent) and idp, "labelled")
+        labelled["metadata"]["labels"] = {"node-agents.io/token": "true"}
+        kube.put(labelled)
+        kube.put(token_secret(idp, "unlabelled"))
+        wait_for(lambda: agent.value("token_refresher_refreshes_total", {"result": "ok"}) == 1, 15)
+        time.sleep(0.5)
+        assert agent.value("token_refresher_refreshes_total", {"result": "ok"}) == 1
+        assert agent.value("token_refresher_token_secrets", {"state": "ok"}) == 1
+    assert kube.count("PUT", r"/api/v1/namespaces/default/secrets/labelled") == 1
+    assert kube.count("PUT", r"/api/v1/namespaces/default/secrets/unlabelled") == 0
+    lists = kube.calls("GET", r"/api/v1/secrets")
+    assert lists and all(c.query.get("labelSelector") == "node-agents.io/token=true" for c in lists)

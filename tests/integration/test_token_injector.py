@@ -493,3 +493,28 @@ def test_once_does_one_pass_and_returns(cluster: Cluster) -> None:
     took = time.monotonic() - started
     assert file_of(app).read_bytes() == b"at-1"
     print(f"--once took {took:.2f}s")
+
+
+# -- 8. --secret-selector: only labelled Secrets are read ------------------------------------
+
+
+def test_a_secret_selector_serves_only_labelled_secrets(cluster: Cluster) -> None:
+    kube = cluster.kube
+    labelled = token_secret("tok", "at-1")
+    labelled["metadata"]["labels"] = {"node-agents.io/token": "true"}
+    kube.put(labelled)
+    kube.put(token_secret("plain", "at-9"))
+    (served,) = cluster.pod("served", to_inject(entry(secret="tok")))
+    (refused,) = cluster.pod("refused", to_inject(entry(secret="plain")))
+    with cluster.injector("--secret-selector", "node-agents.io/token=true") as agent:
+        wait_for(lambda: has(file_of(served), b"at-1"), 10)
+        wait_for(lambda: agent.value(FAILURES, {"reason": "no_secret"}) == 1, 5)
+        wait_for(lambda: len(events(kube, "TokenInjectionFailed", "refused")) == 1, 5)
+        (event,) = events(kube, "TokenInjectionFailed", "refused")
+        assert "no token Secret plain" in event["message"]
+        assert "with labels node-agents.io/token=true" in event["message"]
+        assert files_under(refused.root) == []
+    watched = kube.calls("GET", rf"/api/v1/namespaces/{NS}/secrets")
+    assert watched and all(
+        c.query.get("labelSelector") == "node-agents.io/token=true" for c in watched
+    )

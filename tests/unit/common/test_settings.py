@@ -15,6 +15,7 @@ from agents.common.settings import (
     AgentArgumentParser,
     add_common_flags,
     address,
+    label_selector,
     non_negative_float,
     positive_float,
     redacted,
@@ -307,6 +308,30 @@ def test_non_negative_float() -> None:
     assert non_negative_float("2.5") == 2.5
     with pytest.raises(argparse.ArgumentTypeError):
         non_negative_float("-0.1")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "token-refresher.node-agents.io/token=true",
+        "a==b,c!=d",
+        "!legacy",
+        "tier",
+        "env in (prod, dev)",
+        "env notin (test),tier",
+        "a=",
+    ],
+)
+def test_label_selector_accepts_the_api_servers_grammar(text: str) -> None:
+    assert label_selector(f" {text} ") == text
+
+
+@pytest.mark.parametrize(
+    "text", ["a=b,", "=b", "a b", "a in x", "-a=b", "a=(b)", "a=b=c", "a in (x y)", "a,,b"]
+)
+def test_label_selector_refuses_what_the_api_server_would(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="not a label selector"):
+        label_selector(text)
 
 
 # --- redacted ---------------------------------------------------------------------
