@@ -288,23 +288,34 @@ def test_podmonitor_scrapes_the_metrics_port() -> None:
 
 
 def test_kustomize_renders_the_base() -> None:
-    docs = kustomize(BASE)
-    kinds = sorted(d["kind"] for d in docs)
+    kinds = sorted(d["kind"] for d in kustomize(BASE))
     assert kinds == sorted(
         ["DaemonSet", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "PodMonitor"]
     )
+
+
+@pytest.mark.parametrize("base", sorted(BASES))
+def test_every_rendered_object_is_labelled_namespaced_and_selected(base: str) -> None:
+    docs = kustomize(REPO / "manifests" / base)
+    app, _example = BASES[base]
     for doc in docs:
         if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
             assert doc["metadata"]["namespace"] == NAMESPACE, doc["kind"]
         assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == NAMESPACE
-
-    daemonset = only("DaemonSet", docs)
-    pod_labels = daemonset["spec"]["template"]["metadata"]["labels"]
-    selector = daemonset["spec"]["selector"]["matchLabels"]
-    assert selector.items() <= pod_labels.items()
-    # Kustomize does not rewrite PodMonitor selectors: they must still match the pods.
-    monitor_selector = only("PodMonitor", docs)["spec"]["selector"]["matchLabels"]
-    assert monitor_selector.items() <= pod_labels.items()
+        assert doc["metadata"]["labels"]["app.kubernetes.io/name"] == app
+    workloads = [d for d in docs if d["kind"] in ("DaemonSet", "Deployment")]
+    assert workloads
+    for workload in workloads:
+        pod_labels = workload["spec"]["template"]["metadata"]["labels"]
+        selector = workload["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= pod_labels.items(), workload["metadata"]["name"]
+        # Kustomize does not rewrite PodMonitor selectors: they must still match the pods.
+        monitor_selector = only("PodMonitor", docs)["spec"]["selector"]["matchLabels"]
+        assert monitor_selector.items() <= pod_labels.items(), workload["metadata"]["name"]
+    # The bindings' subjects follow the rendered namespace.
+    for binding in (d for d in docs if d["kind"].endswith("RoleBinding")):
+        (subject,) = binding["subjects"]
+        assert subject["namespace"] == NAMESPACE
 
 
 # --- (c) the Containerfile -----------------------------------------------------------

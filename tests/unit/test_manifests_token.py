@@ -557,25 +557,12 @@ def test_kustomize_renders_the_base() -> None:
         + ["ClusterRole", "ClusterRoleBinding"] * 2
         + ["Role", "RoleBinding", "Deployment", "DaemonSet", "PodMonitor"]
     )
-    for doc in docs:
-        if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
-            assert doc["metadata"]["namespace"] == NAMESPACE, doc["kind"]
-        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == NAMESPACE
-        assert doc["metadata"]["labels"]["app.kubernetes.io/name"] == APP
-
+    # Labels, namespace and selectors: test_manifests checks them for every base.
+    # Here: each role's selector picks its own pods, not the other role's.
     for role in ROLES:
-        labels = pod_labels(role, docs)
         selector = workload(role, docs)["spec"]["selector"]["matchLabels"]
-        assert selector.items() <= labels.items(), role
         (other,) = [r for r in ROLES if r != role]
         assert not selector.items() <= pod_labels(other, docs).items(), role
-        # Kustomize does not rewrite PodMonitor selectors: they must still match the pods.
-        monitor_selector = only("PodMonitor", docs)["spec"]["selector"]["matchLabels"]
-        assert monitor_selector.items() <= labels.items(), role
-    # The bindings' subjects follow the rendered namespace.
-    for binding in (d for d in docs if d["kind"].endswith("RoleBinding")):
-        (subject,) = binding["subjects"]
-        assert subject["namespace"] == NAMESPACE
     # The permissions per account are unchanged by rendering.
     assert granted_to(ACCOUNT["injector"], docs) == INJECTOR_RULES
     assert granted_to(ACCOUNT["controller"], docs).keys() >= CONTROLLER_RULES.keys()
