@@ -159,11 +159,18 @@ def _mib(value: int) -> str:
     return f"{value / 2**20:.0f}MiB"
 
 
-def _ticks_since_boot(proc_root: str) -> int:
-    """Now, in the clock ticks that /proc/<pid>/stat start times use."""
+def ticks_since_boot(proc_root: str) -> int:
+    """Now, in the clock ticks that /proc/<pid>/stat start times use.
+
+    /proc/uptime prints the boot-time clock in centiseconds ("4986.11"),
+    truncated like the start times (fs/proc/uptime.c; nsec_to_clock_t). It is
+    parsed as integers: float("4986.11") * 100 is 498610.99..., one tick
+    short, and a process started in the tick of the sample looked newer.
+    """
     with open(f"{proc_root}/uptime", encoding="ascii") as f:
-        uptime = float(f.read().split()[0])
-    return int(uptime * os.sysconf("SC_CLK_TCK"))
+        seconds, _, fraction = f.read().split()[0].partition(".")
+    centiseconds = int(seconds) * 100 + int((fraction + "00")[:2])
+    return centiseconds * os.sysconf("SC_CLK_TCK") // 100
 
 
 class Enforcer:
@@ -202,6 +209,10 @@ class Enforcer:
     def tick(self) -> TickReport:
         started = self._clock()
         self._finish_terminations()
+        # Read before NVML lists the processes: a PID whose process started
+        # later than this was handed to a newcomer after the listing, or may
+        # have been; either way that sample is not acted on.
+        sample_ticks = ticks_since_boot(self.config.proc_root)
         try:
             gpus = self._nvml.snapshot()
         except NvmlError as err:
@@ -210,13 +221,13 @@ class Enforcer:
             self.last_report = TickReport(error=err)
             return self.last_report
         self._processes.prune()
-        report = TickReport([self._gpu(gpu) for gpu in gpus])
+        report = TickReport([self._gpu(gpu, sample_ticks) for gpu in gpus])
         self._processes.retain(s.pid for g in report.gpus for s in g.samples)
         self.last_report = report
         self._metrics.scan_duration.observe(self._clock() - started)
         return report
 
-    def _gpu(self, gpu: Gpu) -> GpuReport:
+    def _gpu(self, gpu: Gpu, sample_ticks: int) -> GpuReport:
         report = GpuReport(gpu)
         if gpu.error is not None:
             self._metrics.nvml_errors.labels(gpu.error.name).inc()
@@ -231,7 +242,6 @@ class Enforcer:
             report.status = f"uncertain: {problem}"
             log.warning("GPU %d %s: %s; no action on this card", gpu.index, gpu.uuid, problem)
             return report
-        sample_ticks = _ticks_since_boot(self.config.proc_root)
         report.samples = [
             self._attribute(p.pid, p.used_bytes or 0, sample_ticks) for p in gpu.processes
         ]
@@ -292,7 +302,8 @@ class Enforcer:
             return ProcessSample(pid, used, None, None, "")
         ref, container = known
         if ref.start_time > sample_ticks:
-            # Started after NVML listed the PID: the PID was reused meanwhile.
+            # Started after the tick began, so after NVML may have listed the
+            # PID: it may name a newcomer that reused it.
             self._metrics.identity_mismatches.inc()
             return ProcessSample(pid, used, None, None, "")
         owner = container.pod_uid if container is not None else HOST
