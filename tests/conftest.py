@@ -1,4 +1,4 @@
-"""Fixtures shared by all tests: root-only skipping and leak checks."""
+"""Fixtures shared by all tests: root-only skipping, leak checks, the fake API server."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
+from agents.common.kube import load_api_client
 from agents.mount_healer.mountinfo import read_mount_table
 from hack.autofs_world import AutofsWorld, missing_tools
+from tests.support.fake_kube import FakeKube
 
 IS_ROOT = os.geteuid() == 0
 IN_CI = bool(os.environ.get("CI"))
@@ -126,3 +129,21 @@ def fusectl_mounted() -> None:
         subprocess.run(
             ["mount", "-t", "fusectl", "fusectl", "/sys/fs/fuse/connections"], check=True
         )
+
+
+@pytest.fixture
+def kube() -> Iterator[FakeKube]:
+    """A fresh fake Kubernetes API server on loopback (tests/support/fake_kube.py)."""
+    with FakeKube() as server:
+        yield server
+
+
+@pytest.fixture
+def api(kube: FakeKube, tmp_path: Path) -> Iterator[Any]:
+    """A real ApiClient for `kube`, loaded from the kubeconfig it writes, as the agents load one."""
+    api_client = load_api_client(str(kube.kubeconfig(tmp_path / "kubeconfig")))
+    assert api_client is not None
+    try:
+        yield api_client
+    finally:
+        api_client.close()

@@ -7,7 +7,6 @@ the fake API server reached by the real `kubernetes` client over HTTP.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,12 +19,6 @@ from tests.support.fake_kube import FakeKube
 pytestmark = pytest.mark.root
 
 NODE = "node-a"
-
-
-@pytest.fixture
-def kube() -> Iterator[FakeKube]:
-    with FakeKube() as fake:
-        yield fake
 
 
 def test_a_healed_mount_is_one_normal_event_on_the_node(

@@ -32,12 +32,6 @@ def idp(tmp_path: Path) -> Iterator[TestIdP]:
         yield server
 
 
-@pytest.fixture
-def kube() -> Iterator[FakeKube]:
-    with FakeKube() as server:
-        yield server
-
-
 def token_secret(
     idp: TestIdP,
     name: str = "hello-token",

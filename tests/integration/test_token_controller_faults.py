@@ -62,12 +62,6 @@ def idp(network: IsolatedIdPNetwork, tmp_path: Path) -> Iterator[TestIdP]:
         yield server
 
 
-@pytest.fixture
-def kube() -> Iterator[FakeKube]:
-    with FakeKube() as server:
-        yield server
-
-
 @pytest.fixture(autouse=True)
 def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     """requests honours proxy variables: the IdP's traffic must stay in the namespace."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,23 +28,6 @@ NS = "team-a"
 # pass them (agents/common/kube.py): its entry points are Any here for that reason.
 Watch: Any = watch.Watch
 config: Any = kube_config
-
-
-@pytest.fixture
-def kube() -> Iterator[FakeKube]:
-    with FakeKube() as fake:
-        yield fake
-
-
-@pytest.fixture
-def api(kube: FakeKube, tmp_path: Path) -> Iterator[Any]:
-    """A real ApiClient loaded from the kubeconfig the fake writes, as agents load one."""
-    cfg = client.Configuration()
-    config.load_kube_config(
-        config_file=str(kube.kubeconfig(tmp_path / "kubeconfig")), client_configuration=cfg
-    )
-    with client.ApiClient(cfg) as api_client:
-        yield api_client
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +17,6 @@ NOW = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
 
 @pytest.fixture
-def kube() -> Iterator[FakeKube]:
-    with FakeKube() as fake:
-        yield fake
-
-
-@pytest.fixture
 def kubeconfig(kube: FakeKube, tmp_path: Path) -> Path:
     return kube.kubeconfig(tmp_path / "kubeconfig")
 
@@ -33,14 +26,6 @@ def no_cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Outside a pod, with no kubeconfig file: local mode."""
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing" / "config"))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-
-
-@pytest.fixture
-def api(kubeconfig: Path) -> Iterator[Any]:
-    api_client = load_api_client(str(kubeconfig))
-    assert api_client is not None
-    yield api_client
-    api_client.close()
 
 
 # -- load_api_client ---------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,21 +18,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def kube() -> Iterator[FakeKube]:
-    with FakeKube() as server:
-        yield server
-
-
-@pytest.fixture
-def api(kube: FakeKube, tmp_path: Any) -> Iterator[Any]:
-    from agents.common.kube import load_api_client
-
-    client = load_api_client(str(kube.kubeconfig(tmp_path / "kubeconfig")))
-    yield client
-    client.close()
 
 
 def elector(api: Any, identity: str, clock: Clock, **kw: Any) -> LeaderElector:

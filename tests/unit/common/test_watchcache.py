@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes import client
-from kubernetes import config as kube_config
 
 from agents.common.watchcache import NodePodCache, Pod
 from hack.autofs_world import wait_for
@@ -24,25 +22,6 @@ NODE = "node-a"
 OTHER = "node-b"
 LIST = ("GET", "/api/v1/pods")
 REPO = Path(__file__).resolve().parents[3]
-
-config: Any = kube_config  # its loaders are untyped
-
-
-@pytest.fixture
-def kube() -> Iterator[FakeKube]:
-    with FakeKube() as fake:
-        yield fake
-
-
-@pytest.fixture
-def api(kube: FakeKube, tmp_path: Path) -> Iterator[Any]:
-    """A real ApiClient loaded from the kubeconfig the fake writes, as agents load one."""
-    cfg = client.Configuration()
-    config.load_kube_config(
-        config_file=str(kube.kubeconfig(tmp_path / "kubeconfig")), client_configuration=cfg
-    )
-    with client.ApiClient(cfg) as api_client:
-        yield api_client
 
 
 class Changes:
