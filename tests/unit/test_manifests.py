@@ -51,17 +51,18 @@ def load_docs(path: Path) -> list[Doc]:
     return parse_yaml(path.read_text(encoding="utf-8"))
 
 
-def kustomization() -> Doc:
-    (doc,) = load_docs(BASE / "kustomization.yaml")
+def kustomization(base: Path = BASE) -> Doc:
+    (doc,) = load_docs(base / "kustomization.yaml")
     return doc
 
 
-def base_objects() -> list[Doc]:
-    """The objects the kustomization lists, in order, as written (not rendered)."""
-    return [doc for name in kustomization()["resources"] for doc in load_docs(BASE / name)]
+def base_objects(base: Path = BASE) -> list[Doc]:
+    """The objects a base's kustomization lists, in order, as written (not rendered)."""
+    return [doc for name in kustomization(base)["resources"] for doc in load_docs(base / name)]
 
 
 def only(kind: str, docs: list[Doc] | None = None) -> Doc:
+    """The one object of `kind` in `docs` (default: the healer base's objects)."""
     matches = [d for d in (base_objects() if docs is None else docs) if d["kind"] == kind]
     assert len(matches) == 1, f"expected one {kind}, found {len(matches)}"
     return matches[0]

@@ -20,9 +20,11 @@ from tests.unit.test_manifests import (
     NAMESPACE,
     REPO,
     Doc,
+    base_objects,
     console_scripts,
     kustomize,
     load_docs,
+    only,
     plain_env,
 )
 
@@ -43,24 +45,8 @@ ALLOWED_RULES = {
 }
 
 
-def kustomization() -> Doc:
-    (doc,) = load_docs(BASE / "kustomization.yaml")
-    return doc
-
-
-def base_objects() -> list[Doc]:
-    """The objects the kustomization lists, in order, as written (not rendered)."""
-    return [doc for name in kustomization()["resources"] for doc in load_docs(BASE / name)]
-
-
-def only(kind: str, docs: list[Doc] | None = None) -> Doc:
-    matches = [d for d in (base_objects() if docs is None else docs) if d["kind"] == kind]
-    assert len(matches) == 1, f"expected one {kind}, found {len(matches)}"
-    return matches[0]
-
-
 def pod_spec() -> Doc:
-    spec: Doc = only("DaemonSet")["spec"]["template"]["spec"]
+    spec: Doc = only("DaemonSet", base_objects(BASE))["spec"]["template"]["spec"]
     return spec
 
 
@@ -247,7 +233,7 @@ def test_rbac_is_exactly_what_the_enforcer_uses() -> None:
         "kind": "ClusterRole",
         "name": role["metadata"]["name"],
     }
-    account = only("ServiceAccount")["metadata"]["name"]
+    account = only("ServiceAccount", base_objects(BASE))["metadata"]["name"]
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}
     ]
@@ -255,7 +241,7 @@ def test_rbac_is_exactly_what_the_enforcer_uses() -> None:
 
 
 def test_podmonitor_scrapes_the_metrics_port() -> None:
-    monitor = only("PodMonitor")
+    monitor = only("PodMonitor", base_objects(BASE))
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
     node_label = {"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"}
     assert endpoint == {

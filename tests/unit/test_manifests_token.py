@@ -26,9 +26,11 @@ from tests.unit.test_manifests import (
     NAMESPACE,
     REPO,
     Doc,
+    base_objects,
     console_scripts,
     kustomize,
     load_docs,
+    only,
     plain_env,
 )
 
@@ -74,26 +76,10 @@ WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
 FORBIDDEN_RESOURCES = {"pods/exec", "pods/attach", "pods/portforward", "nodes/proxy"}
 
 
-def kustomization() -> Doc:
-    (doc,) = load_docs(BASE / "kustomization.yaml")
-    return doc
-
-
-def base_objects() -> list[Doc]:
-    """The objects the kustomization lists, in order, as written (not rendered)."""
-    return [doc for name in kustomization()["resources"] for doc in load_docs(BASE / name)]
-
-
-def only(kind: str, docs: list[Doc] | None = None) -> Doc:
-    matches = [d for d in (base_objects() if docs is None else docs) if d["kind"] == kind]
-    assert len(matches) == 1, f"expected one {kind}, found {len(matches)}"
-    return matches[0]
-
-
 def named(kind: str, name: str, docs: list[Doc] | None = None) -> Doc:
     matches = [
         d
-        for d in (base_objects() if docs is None else docs)
+        for d in (base_objects(BASE) if docs is None else docs)
         if d["kind"] == kind and d["metadata"]["name"] == name
     ]
     assert len(matches) == 1, f"expected one {kind} {name}, found {len(matches)}"
@@ -101,7 +87,7 @@ def named(kind: str, name: str, docs: list[Doc] | None = None) -> Doc:
 
 
 def workload(role: str, docs: list[Doc] | None = None) -> Doc:
-    return only(WORKLOAD_KIND[role], docs)
+    return only(WORKLOAD_KIND[role], base_objects(BASE) if docs is None else docs)
 
 
 def pod_spec(role: str) -> Doc:
@@ -396,7 +382,7 @@ def test_metrics_port_is_the_port_the_agent_listens_on(role: str) -> None:
 
 
 def test_service_accounts_one_per_role() -> None:
-    accounts = [d for d in base_objects() if d["kind"] == "ServiceAccount"]
+    accounts = [d for d in base_objects(BASE) if d["kind"] == "ServiceAccount"]
     assert sorted(a["metadata"]["name"] for a in accounts) == sorted(ACCOUNT.values())
     for account in accounts:
         # Both roles talk to the API server with their own token.
@@ -457,7 +443,7 @@ def test_leader_role_is_namespaced_where_the_lease_is() -> None:
 
 
 def test_podmonitor_scrapes_both_workloads_on_the_metrics_port() -> None:
-    monitor = only("PodMonitor")
+    monitor = only("PodMonitor", base_objects(BASE))
     selector = monitor["spec"]["selector"]["matchLabels"]
     for role in ROLES:
         assert selector.items() <= pod_labels(role).items(), f"the {role} is not scraped"
