@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 
 from agents.mount_healer.mountinfo import Mount, MountTable, read_mount_table
+from hack.vm import time_scale
 
 TOOLS = ("automount", "squashfuse", "mksquashfs")
 
@@ -28,15 +29,23 @@ def missing_tools() -> list[str]:
     return [tool for tool in TOOLS if shutil.which(tool) is None]
 
 
+def scaled(seconds: float) -> float:
+    """A time bound stretched for a slow machine (the TCG guest of hack/vm.py; 1x elsewhere)."""
+    return seconds * time_scale()
+
+
 def wait_for(predicate: object, timeout: float, interval: float = 0.01) -> float:
-    """Poll until `predicate()` is truthy; returns the seconds it took (raises on timeout)."""
+    """Poll until `predicate()` is truthy; returns the seconds it took (raises on timeout).
+
+    `timeout` is the host's figure: it is `scaled` for a slow machine.
+    """
     started = time.monotonic()
-    deadline = started + timeout
+    deadline = started + scaled(timeout)
     while True:
         if predicate():  # type: ignore[operator]
             return time.monotonic() - started
         if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {timeout}s")
+            raise TimeoutError(f"condition not met within {scaled(timeout):g}s")
         time.sleep(interval)
 
 

@@ -11,6 +11,12 @@ cd "$(dirname "$0")/.."
 # of that name (kubectl 1.32, kustomize v5.5) is the one meant: Debian's own
 # `kubernetes-client` (1.20, kustomize v2) is too old to render them.
 APT_PACKAGES=(autofs squashfuse squashfs-tools fuse3 prometheus kubectl)
+# A kernel built without autofs cannot mount one: hack/test.sh then runs the
+# autofs tests in a qemu VM with Debian's kernel (hack/vm.py fetches that
+# kernel and busybox-static itself, with apt-get download).
+if ! grep -qw autofs /proc/filesystems; then
+  APT_PACKAGES+=(qemu-system-x86)
+fi
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   # Any kubectl on PATH will do (one installed from a release binary, too).

@@ -21,7 +21,7 @@ from hack.cgroups import mounted_hierarchies
 from hack.demo import WORKDIR_PREFIX, missing
 from tests.conftest import IN_CI, require_root_tools
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.autofs]
 
 RUN_TIMEOUT = 120.0  # the whole demo, set-up and clean-up included
 CLEANUP_TIMEOUT = 60.0

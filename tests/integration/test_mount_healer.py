@@ -18,9 +18,10 @@ import psutil
 import pytest
 
 from agents.mount_healer.cli import main
+from agents.mount_healer.fusectl import scan_fuse_fds
 from agents.mount_healer.mountinfo import MountinfoSource, read_mount_table
-from hack.autofs_world import AutofsWorld, force_unmount_under, wait_for
-from tests.conftest import require_root_tools
+from hack.autofs_world import AutofsWorld, force_unmount_under, scaled, wait_for
+from tests.conftest import IS_ROOT, require_root_tools
 from tests.support.agent import AgentThread
 
 pytestmark = pytest.mark.root
@@ -89,7 +90,9 @@ def test_killed_daemon_is_healed_within_one_interval(
         old_pid = world.kill_daemon("repo1")
         took = wait_for(lambda: world.mount("repo1") is None, 5)
         # One interval (2 s, jitter 10 %) plus a probe; event-driven: well under.
-        assert took < (1.0 if event_driven else 2.5), f"healed after {took:.2f}s"
+        assert took < (scaled(1.0) if event_driven else 2.2 + scaled(0.3)), (
+            f"healed after {took:.2f}s"
+        )
         # The counter follows the unmount by a few instructions.
         wait_for(lambda: agent.value("automount_healer_heals_total", {"method": "umount"}) == 1, 2)
         assert agent.value("automount_healer_probes_total", {"verdict": "severed"}) == 1
@@ -119,6 +122,7 @@ def test_busy_severed_mount_is_detached_and_reported(
 # -- 2. the healer does not keep healthy mounts alive ---------------------------------
 
 
+@pytest.mark.autofs
 def test_healthy_mount_still_expires_while_the_agent_runs(workdir: Path) -> None:
     require_root_tools()
     world = AutofsWorld(workdir, ("repo1",), timeout=2).start()
@@ -159,10 +163,13 @@ def test_hung_daemon_is_reported_and_left_alone(
     before = world.mount("repo1")
     code, rows, took = once("--root", str(world.root), "--probe-timeout", "1", "--hung-after", "0")
     assert code == 0
-    assert took < 1.0 + 1.5, f"sweep took {took:.2f}s"
+    assert took < 1.0 + scaled(1.5), f"sweep took {took:.2f}s"
     row = row_for(rows, world.path("repo1"))
     assert row[1:3] == ["hung", "none"]
-    assert "squashfuse" in row[3] and "state T" in row[3]
+    if scan_fuse_fds().holders:
+        assert "squashfuse" in row[3] and "state T" in row[3]
+    else:  # kernels before 6.x print no `fuse_connection:` in fdinfo (the VM's 6.1)
+        assert "daemon not found" in row[3]
     assert world.mount("repo1") == before
     assert consumer.poll() is None  # still blocked: nothing was aborted
     world.daemon("repo1").resume()
@@ -296,7 +303,8 @@ def test_sigterm_stops_the_agent_promptly(world: AutofsWorld) -> None:
         stderr=subprocess.PIPE,
     )
     try:
-        time.sleep(1.0)
+        # The stop signals are taken over once the agent has started (imports first).
+        time.sleep(scaled(1.0))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(5) == 0
     finally:
@@ -329,7 +337,8 @@ def test_fusectl_is_mounted_when_missing(world: AutofsWorld) -> None:
 
 
 def test_mount_table_is_read_again_only_after_a_change(workdir: Path) -> None:
-    require_root_tools()
+    if not IS_ROOT:
+        pytest.skip("needs root: mounts a tmpfs")
     source = MountinfoSource()
     try:
         first = source()
