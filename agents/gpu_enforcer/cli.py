@@ -37,6 +37,7 @@ from agents.common.settings import (
 from agents.gpu_enforcer.config import ACTIONS, EnforcerConfig
 from agents.gpu_enforcer.enforcer import Enforcer, Evictor, Notify, PodDirectory
 from agents.gpu_enforcer.limits import (
+    PEER_SCHEDULERS,
     LimitError,
     LimitsFile,
     parse_quantity,
@@ -128,6 +129,14 @@ def build_parser(environ: Mapping[str, str] | None = None) -> AgentArgumentParse
         "else node label nvidia.com/gpu.replicas)",
     )
     parser.add_argument(
+        "--peer-scheduler",
+        action="append",
+        default=[],
+        env="PEER_SCHEDULER",
+        help=f"a GPU-memory scheduler in use ({'|'.join(PEER_SCHEDULERS)}; repeat or "
+        "comma-separate): its pod quantities become the admin's limit",
+    )
+    parser.add_argument(
         "--soft-fraction",
         type=_fraction,
         default=defaults.soft_fraction,
@@ -188,6 +197,16 @@ def _replicas_from_file(path: str) -> int | None:
         raise ConfigError(f"--device-plugin-config {path}: {err}") from err
 
 
+def _peer_schedulers(values: Sequence[str]) -> tuple[str, ...]:
+    names = [n.strip() for value in values for n in value.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(PEER_SCHEDULERS))
+    if unknown:
+        raise ConfigError(
+            f"--peer-scheduler {','.join(unknown)}: not one of {', '.join(PEER_SCHEDULERS)}"
+        )
+    return tuple(dict.fromkeys(names))
+
+
 def config_from_args(
     argv: Sequence[str] | None, environ: Mapping[str, str] | None
 ) -> tuple[EnforcerConfig, bool]:
@@ -209,6 +228,7 @@ def config_from_args(
             free_threshold=args.free_threshold,
         ),
         replicas=replicas,
+        peer_schedulers=_peer_schedulers(args.peer_scheduler),
         soft_fraction=args.soft_fraction,
         host_limit=args.host_limit,
         limits_file=args.limits_file,

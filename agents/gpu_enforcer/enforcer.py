@@ -31,7 +31,7 @@ from agents.common.process import (
     signal_process,
 )
 from agents.gpu_enforcer.config import EnforcerConfig
-from agents.gpu_enforcer.limits import Limit, LimitError, LimitPolicy
+from agents.gpu_enforcer.limits import AdminLimit, Limit, LimitPolicy
 from agents.gpu_enforcer.metrics import EnforcerMetrics
 from agents.gpu_enforcer.nvml import Gpu, Nvml, NvmlError
 from agents.gpu_enforcer.policy import Decision, Policy, Usage, Verdict
@@ -58,7 +58,9 @@ class PodDirectory(Protocol):
 
     def pod(self, uid: str) -> Mapping[str, Any] | None: ...
 
-    def namespace_default(self, namespace: str) -> str | None: ...
+    def admin_limit(self, pod: Mapping[str, Any]) -> AdminLimit | None:
+        """The limit an admin wrote for this pod (namespace default, limits file)."""
+        ...
 
     def replicas(self) -> int | None: ...
 
@@ -200,6 +202,8 @@ class Enforcer:
         self._terminating: dict[ProcessRef, tuple[float, str]] = {}
         self._evicted: dict[str, float] = {}
         self._soft_warned: set[tuple[str, str]] = set()
+        # (pod UID, problem) already reported: one Event per bad input, not one per tick.
+        self._limit_problems: set[tuple[str, str]] = set()
         # Each GPU process's identity and pod, held by a pidfd while it lives.
         self._processes: LiveProcesses[ContainerRef | None] = LiveProcesses(config.proc_root)
         self.last_report = TickReport()
@@ -223,6 +227,8 @@ class Enforcer:
         self._processes.prune()
         report = TickReport([self._gpu(gpu, sample_ticks) for gpu in gpus])
         self._processes.retain(s.pid for g in report.gpus for s in g.samples)
+        owners = {u.owner for g in report.gpus for u in g.usages}
+        self._limit_problems = {p for p in self._limit_problems if p[0] in owners}
         self.last_report = report
         self._metrics.scan_duration.observe(self._clock() - started)
         return report
@@ -254,7 +260,11 @@ class Enforcer:
                 continue
             by_owner.setdefault(sample.owner, []).append(sample)
         replicas = self.config.replicas or self._pods.replicas()
-        limits = LimitPolicy(replicas=replicas, soft_fraction=self.config.soft_fraction)
+        limits = LimitPolicy(
+            replicas=replicas,
+            soft_fraction=self.config.soft_fraction,
+            peer_schedulers=frozenset(self.config.peer_schedulers),
+        )
         for owner, samples in by_owner.items():
             usage = self._usage(gpu, owner, samples, limits)
             if usage is None:
@@ -325,14 +335,13 @@ class Enforcer:
         if pod is None:
             # A pod this node does not know (yet): never act on it.
             return None
-        namespace = pod.get("metadata", {}).get("namespace", "")
-        try:
-            limit = limits.resolve(pod, gpu.total_bytes, self._pods.namespace_default(namespace))
-        except LimitError as err:
-            log.warning("pod %s: bad limit (%s); left alone", owner, err)
-            self._notify_pod(pod, "Warning", "GPUMemoryLimitInvalid", str(err))
-            limit = None
-        return PodUsage(gpu, owner, pod, used, limit, samples)
+        resolution = limits.resolve(pod, gpu.total_bytes, self._pods.admin_limit(pod))
+        for problem in resolution.problems:
+            if (owner, problem) not in self._limit_problems:
+                self._limit_problems.add((owner, problem))
+                log.warning("pod %s: %s", owner, problem)
+                self._notify_pod(pod, "Warning", "GPUMemoryLimitInvalid", problem)
+        return PodUsage(gpu, owner, pod, used, resolution.limit, samples)
 
     # -- acting ------------------------------------------------------------
 

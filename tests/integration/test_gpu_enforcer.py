@@ -444,7 +444,7 @@ def test_limits_come_from_annotations_namespace_default_and_share(
     hami_pod = kube_pod(hami)
     hami_pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpumem"] = "3000"
     objects = [
-        kube_pod(annotated, annotations={ANNOTATION_LIMIT: "12Gi"}),
+        kube_pod(annotated, annotations={ANNOTATION_LIMIT: "2500Mi"}),
         kube_pod(defaulted, namespace="team"),
         kube_pod(shared, gpus=1),
         hami_pod,
@@ -469,11 +469,59 @@ def test_limits_come_from_annotations_namespace_default_and_share(
             {"gpu": fake_uuid(0), "namespace": namespace, "pod": pod.name},
         )
 
-    assert limit(annotated) == 12 * GIB
+    assert limit(annotated) == 2500 * 1024**2  # lowers the 4 GiB share
     assert limit(defaulted, "team") == 2 * GIB
     assert limit(shared) == CARD // 4  # node label nvidia.com/gpu.replicas=4
     assert limit(hami) == 3000 * 1024**2
     assert f"ml/{annotated.name}" in table and "team/defaulted" in table
+
+
+# -- issue 9.5: a pod's own annotation may only lower the admin's limit ------------
+
+
+def test_a_pod_cannot_exempt_itself_by_annotation(
+    card: FakeNvmlWorld, pods: Any, tmp_path: Path
+) -> None:
+    huge, garbled = pods("huge"), pods("garbled")
+    card.write(processes=[FakeProcess(0, huge.pid, 5 * GIB), FakeProcess(0, garbled.pid, 5 * GIB)])
+    objects = [
+        kube_pod(huge, annotations={ANNOTATION_LIMIT: "1Ei"}),
+        kube_pod(garbled, annotations={ANNOTATION_LIMIT: "lots"}),
+    ]
+    argv = enforcer_argv(tmp_path, "--hold", "1", "--grace", "2")
+    with cluster(tmp_path, *objects, replicas=4) as kube, AgentThread(main, argv) as agent:
+        # 5 GiB each, over the 4 GiB share (16 GiB / 4): neither annotation helps.
+        wait_for(lambda: not huge.alive() and not garbled.alive(), 10)
+        assert agent.value("gpu_mem_enforcer_signals_total", {"signal": "SIGTERM"}) == 2
+        reasons = [
+            e["reason"]
+            for e in kube.objects("events", "ml")
+            if e["involvedObject"].get("uid") == garbled.uid
+        ]
+    # Several ticks saw the bad annotation; it is reported once.
+    assert sorted(reasons) == ["GPUMemoryLimitEnforced", "GPUMemoryLimitInvalid"]
+
+
+def test_local_mode_names_the_limits_file_and_its_entries_are_the_admins(
+    card: FakeNvmlWorld, pods: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    raised, defaulted = pods("raised"), pods("defaulted")
+    card.write(
+        processes=[FakeProcess(0, raised.pid, 6 * GIB), FakeProcess(0, defaulted.pid, 6 * GIB)]
+    )
+    limits = tmp_path / "limits.yaml"
+    limits.write_text(f'default: 4Gi\npods:\n  "{raised.uid}": 7Gi\n')
+    out = io.StringIO()
+    argv = ["--local", "--limits-file", str(limits), "--hold", "0", "--once", "--dry-run"]
+    with caplog.at_level("WARNING"):
+        assert main(argv, stdout=out) == 0
+    table = out.getvalue()
+    # The operator's per-pod entry raises that pod above the file's default.
+    [row] = [r for r in table.splitlines() if raised.uid in r]
+    assert "7168MiB" in row and "ok / none" in row
+    [line] = [r.getMessage() for r in caplog.records if "would-kill" in r.getMessage()]
+    assert defaulted.uid in line and f"({limits} default)" in line
+    assert "namespace default" not in caplog.text
 
 
 # -- the other actions and policies -------------------------------------------------
