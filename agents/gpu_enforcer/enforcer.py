@@ -5,8 +5,12 @@ it and make its neighbours fail. Each tick lists every GPU's compute
 processes through NVML, maps each host PID to its pod through
 /proc/<pid>/cgroup, sums memory per pod per GPU, and compares it with the
 pod's limit (limits.py) through the policy (policy.py). Nothing is done on
-uncertain data: an NVML error, usage not available, a record that fails a
-sanity check, a MIG card, a pod the node does not know.
+uncertain data: an NVML error, a listing that fails a sanity check (PID 0, a
+record above the card, a PID listed twice), a MIG card, a pod the node does
+not know. A record whose usage is not available (an MPS server, a process
+NVML cannot account) makes only its own pod's usage partly unknown: that pod
+is over when its known part alone is (policy.py); every other pod on the card
+is judged as usual.
 """
 
 from __future__ import annotations
@@ -80,10 +84,11 @@ class ProcessSample:
     """One NVML process record, attributed."""
 
     pid: int
-    used_bytes: int
+    used_bytes: int  # 0 when not available
     ref: ProcessRef | None
     container: ContainerRef | None
     owner: str  # pod UID, "host", or "" when gone
+    usage_known: bool = True  # False: NVML_VALUE_NOT_AVAILABLE
 
 
 @dataclass
@@ -93,7 +98,7 @@ class PodUsage:
     gpu: Gpu
     owner: str
     pod: Mapping[str, Any] | None
-    used_bytes: int
+    used_bytes: int  # the known part
     limit: Limit | None
     processes: list[ProcessSample]
     verdict: Verdict = Verdict.OK
@@ -107,6 +112,11 @@ class PodUsage:
         meta = self.pod.get("metadata", {})
         return f"{meta.get('namespace', '')}/{meta.get('name', self.owner)}".lstrip("/")
 
+    @property
+    def unknown(self) -> int:
+        """Processes of this pod on the card whose usage NVML could not tell."""
+        return sum(1 for p in self.processes if not p.usage_known)
+
 
 @dataclass
 class GpuReport:
@@ -119,6 +129,11 @@ class GpuReport:
     @property
     def trusted(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def usage_unknown(self) -> int:
+        """Records on the card whose usage is not available."""
+        return sum(1 for s in self.samples if not s.usage_known)
 
 
 @dataclass
@@ -150,10 +165,8 @@ class TickReport:
                 verdict = f"{usage.verdict} / {usage.action}" if usage is not None else "ignored"
                 if usage is not None and usage.reason:
                     verdict += f" ({usage.reason})"
-                lines.append(
-                    f"  {sample.pid:>8}  {who:<48} {_mib(sample.used_bytes):>10} {limit:>10}  "
-                    f"{verdict}"
-                )
+                used = _mib(sample.used_bytes) if sample.usage_known else "unknown"
+                lines.append(f"  {sample.pid:>8}  {who:<48} {used:>10} {limit:>10}  {verdict}")
         return "\n".join(lines) + "\n"
 
 
@@ -204,6 +217,8 @@ class Enforcer:
         self._soft_warned: set[tuple[str, str]] = set()
         # (pod UID, problem) already reported: one Event per bad input, not one per tick.
         self._limit_problems: set[tuple[str, str]] = set()
+        # Per card, the PIDs whose usage was not available at the last report.
+        self._unknown_usage: dict[str, frozenset[int]] = {}
         # Each GPU process's identity and pod, held by a pidfd while it lives.
         self._processes: LiveProcesses[ContainerRef | None] = LiveProcesses(config.proc_root)
         self.last_report = TickReport()
@@ -248,9 +263,8 @@ class Enforcer:
             report.status = f"uncertain: {problem}"
             log.warning("GPU %d %s: %s; no action on this card", gpu.index, gpu.uuid, problem)
             return report
-        report.samples = [
-            self._attribute(p.pid, p.used_bytes or 0, sample_ticks) for p in gpu.processes
-        ]
+        report.samples = [self._attribute(p.pid, p.used_bytes, sample_ticks) for p in gpu.processes]
+        self._report_unknown_usage(gpu, report.samples)
         by_owner: dict[str, list[ProcessSample]] = {}
         for sample in report.samples:
             if not sample.owner:
@@ -276,7 +290,7 @@ class Enforcer:
         decisions = policy.decide(
             gpu.total_bytes,
             gpu.used_bytes,
-            [Usage((gpu.uuid, u.owner), u.used_bytes, u.limit) for u in report.usages],
+            [Usage((gpu.uuid, u.owner), u.used_bytes, u.limit, u.unknown) for u in report.usages],
             self._clock(),
         )
         by_key = {d.key: d for d in decisions}
@@ -286,17 +300,45 @@ class Enforcer:
 
     @staticmethod
     def _sanity(gpu: Gpu) -> str:
-        """Why this card's records cannot be trusted, or '' when they can."""
+        """Why this card's whole listing cannot be trusted, or '' when it can.
+
+        Usage not available is not such a reason: it is one record's gap, and
+        the policy judges that record's pod on the rest (policy.py).
+        """
+        seen: set[int] = set()
         for proc in gpu.processes:
             if proc.pid <= 0:
                 return f"process record with PID {proc.pid}"
-            if proc.used_bytes is None:
-                return f"usage not available for PID {proc.pid}"
-            if proc.used_bytes > gpu.total_bytes:
+            if proc.used_bytes is not None and proc.used_bytes > gpu.total_bytes:
                 return f"PID {proc.pid} uses {proc.used_bytes} bytes, more than the card has"
+            if proc.pid in seen:
+                return f"PID {proc.pid} listed twice"
+            seen.add(proc.pid)
         return ""
 
-    def _attribute(self, pid: int, used: int, sample_ticks: int) -> ProcessSample:
+    def _report_unknown_usage(self, gpu: Gpu, samples: list[ProcessSample]) -> None:
+        """One log line when the card's set of records without usage changes."""
+        unknown = frozenset(s.pid for s in samples if not s.usage_known)
+        if unknown == self._unknown_usage.get(gpu.uuid, frozenset()):
+            return
+        self._unknown_usage[gpu.uuid] = unknown
+        if not unknown:
+            log.info("GPU %d %s: usage known again for every process", gpu.index, gpu.uuid)
+            return
+        whose = ", ".join(
+            f"PID {s.pid} ({s.owner or 'gone'})" for s in samples if not s.usage_known
+        )
+        log.warning(
+            "GPU %d %s: usage not available for %s; those pods are judged on their known "
+            "usage, the others as usual",
+            gpu.index,
+            gpu.uuid,
+            whose,
+        )
+
+    def _attribute(self, pid: int, used_or_none: int | None, sample_ticks: int) -> ProcessSample:
+        known_usage = used_or_none is not None
+        used = used_or_none or 0
         proc_root = self.config.proc_root
         known = self._processes.get(pid)
         try:
@@ -306,18 +348,18 @@ class Enforcer:
                 known = self._processes.add(pid, lambda _ref: read_cgroup(pid, proc_root))
         except (ProcessGone, AttributionGone):
             self._metrics.processes_vanished.inc()
-            return ProcessSample(pid, used, None, None, "")
+            return ProcessSample(pid, used, None, None, "", known_usage)
         except (AttributionError, OSError) as err:
             log.warning("PID %d: %s; treated as unknown", pid, err)
-            return ProcessSample(pid, used, None, None, "")
+            return ProcessSample(pid, used, None, None, "", known_usage)
         ref, container = known
         if ref.start_time > sample_ticks:
             # Started after the tick began, so after NVML may have listed the
             # PID: it may name a newcomer that reused it.
             self._metrics.identity_mismatches.inc()
-            return ProcessSample(pid, used, None, None, "")
+            return ProcessSample(pid, used, None, None, "", known_usage)
         owner = container.pod_uid if container is not None else HOST
-        return ProcessSample(pid, used, ref, container, owner)
+        return ProcessSample(pid, used, ref, container, owner, known_usage)
 
     def _usage(
         self, gpu: Gpu, owner: str, samples: list[ProcessSample], limits: LimitPolicy
@@ -382,8 +424,13 @@ class Enforcer:
 
     def _numbers(self, usage: PodUsage, what: str) -> str:
         limit = usage.limit
+        unknown = (
+            f" (and {usage.unknown} process(es) whose usage is not available)"
+            if usage.unknown
+            else ""
+        )
         return (
-            f"uses {usage.used_bytes} bytes of GPU {usage.gpu.index} ({usage.gpu.uuid}), "
+            f"uses {usage.used_bytes} bytes{unknown} of GPU {usage.gpu.index} ({usage.gpu.uuid}), "
             f"limit {limit.hard_bytes if limit else '-'} bytes "
             f"({limit.source if limit else 'none'}); {what}"
         )

@@ -350,20 +350,12 @@ def test_nvml_errors_mid_run_stop_actions_until_it_recovers(card: FakeNvmlWorld,
         card.inject("nvmlInit*", NVML_ERROR_DRIVER_NOT_LOADED)
         card.inject("nvmlDeviceGetCount*", NVML_ERROR_DRIVER_NOT_LOADED)
         wait_for(lambda: agent.value("gpu_mem_enforcer_up") == 0, 10)
-        # Usage not available: still no action.
+        # Usage not available for its only process: nothing known is over.
         card.clear_errors()
         card.set_used(greedy.pid, None)
         wait_for(lambda: agent.value("gpu_mem_enforcer_up") == 1, 10)
-        wait_for(
-            lambda: (
-                agent.value(
-                    "gpu_mem_enforcer_gpu_trusted",
-                    {"gpu": fake_uuid(0), "index": "0", "status": "uncertain"},
-                )
-                == 0
-            ),
-            10,
-        )
+        labels = {"gpu": fake_uuid(0), "index": "0"}
+        wait_for(lambda: agent.value("gpu_mem_enforcer_usage_unknown_processes", labels) == 1, 10)
         time.sleep(1.0)
         assert greedy.alive()
         # Recovered: the hold runs and the pod is stopped.
@@ -474,6 +466,55 @@ def test_limits_come_from_annotations_namespace_default_and_share(
     assert limit(shared) == CARD // 4  # node label nvidia.com/gpu.replicas=4
     assert limit(hami) == 3000 * 1024**2
     assert f"ml/{annotated.name}" in table and "team/defaulted" in table
+
+
+# -- issue 9.6: a record without usage makes only its own pod's usage unknown --------
+
+
+def test_a_process_without_usage_does_not_shield_the_other_pods(
+    card: FakeNvmlWorld, pods: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    greedy, mps = pods("greedy"), pods("mps")
+    host = subprocess.Popen(["sleep", "300"])  # an MPS server NVML cannot account
+    try:
+        card.write(
+            processes=[
+                FakeProcess(0, greedy.pid, 10 * GIB),
+                FakeProcess(0, mps.pid, None),
+                FakeProcess(0, host.pid, None),
+            ]
+        )
+        argv = enforcer_argv(tmp_path, "--hold", "0.5", "--grace", "2")
+        with (
+            caplog.at_level("WARNING"),
+            cluster(tmp_path, kube_pod(greedy), kube_pod(mps)),
+            AgentThread(main, argv) as agent,
+        ):
+            wait_for(lambda: not greedy.alive(), 10)
+            labels = {"gpu": fake_uuid(0), "index": "0"}
+            assert agent.value("gpu_mem_enforcer_usage_unknown_processes", labels) == 2
+            pod_labels = {"gpu": fake_uuid(0), "namespace": "ml", "pod": "mps"}
+            assert agent.value("gpu_mem_enforcer_pod_usage_unknown_processes", pod_labels) == 1
+            assert agent.value("gpu_mem_enforcer_pod_over_limit", pod_labels) == 0
+        assert mps.alive() and host.poll() is None
+        [line] = [r.getMessage() for r in caplog.records if "usage not available" in r.getMessage()]
+        assert f"PID {mps.pid} ({mps.uid})" in line and f"PID {host.pid} (host)" in line
+    finally:
+        host.kill()
+        host.wait()
+
+
+def test_a_pid_listed_twice_makes_the_card_untrusted(card: FakeNvmlWorld, pods: Any) -> None:
+    # Summed twice, 5 GiB would look like 10 GiB, over the 8 GiB share.
+    doubled = pods("doubled")
+    card.write(
+        processes=[FakeProcess(0, doubled.pid, 5 * GIB), FakeProcess(0, doubled.pid, 5 * GIB)]
+    )
+    out = io.StringIO()
+    argv = ["--local", "--replicas", "2", "--hold", "0", "--once", "--dry-run"]
+    main(argv, stdout=out)
+    assert f"uncertain: PID {doubled.pid} listed twice" in out.getvalue()
+    assert "would-kill" not in out.getvalue()
 
 
 # -- issue 9.5: a pod's own annotation may only lower the admin's limit ------------
