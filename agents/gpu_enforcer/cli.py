@@ -49,6 +49,9 @@ from agents.gpu_enforcer.pods import KubeEvictor, KubePods, LocalPods
 from agents.gpu_enforcer.policy import PolicyConfig
 
 PROG = "gpu-mem-enforcer"
+# `--once` exit codes (2, bad configuration, is every agent's EXIT_BAD_CONFIG).
+EXIT_CHECKED = 0  # every card sampled and judged
+EXIT_NOT_CHECKED = 1  # NVML unavailable, a card in error or untrusted, or the tick failed
 log = logging.getLogger("agents.gpu_enforcer")
 
 
@@ -253,7 +256,8 @@ def main(
     registry: CollectorRegistry | None = None,
     nvml: Nvml | None = None,
 ) -> int:
-    """Run the enforcer; returns the process exit code (2 on bad configuration)."""
+    """Run the enforcer; returns the exit code: 2 bad configuration; with --once,
+    0 when every card was checked and 1 when one could not be (README, "Run it")."""
     try:
         config, local = config_from_args(argv, environ)
         limits = LimitsFile.load(config.limits_file) if config.limits_file else None
@@ -291,9 +295,13 @@ def main(
     registry.register(SampleCollector(lambda: enforcer.last_report))
     try:
         if config.once:
-            report = enforcer.tick()
+            try:
+                report = enforcer.tick()
+            except Exception:
+                log.exception("the check failed")
+                return EXIT_NOT_CHECKED
             (stdout or sys.stdout).write(report.table())
-            return 0
+            return EXIT_CHECKED if report.checked else EXIT_NOT_CHECKED
         return _run(config, enforcer, registry, loop_metrics, stop=stop, iterations=iterations)
     finally:
         enforcer.close()

@@ -141,6 +141,11 @@ class TickReport:
     gpus: list[GpuReport] = field(default_factory=list)
     error: NvmlError | None = None
 
+    @property
+    def checked(self) -> bool:
+        """Every card was sampled and judged (MIG cards count: nothing to enforce there)."""
+        return self.error is None and all(g.status in ("ok", "mig") for g in self.gpus)
+
     def table(self) -> str:
         """The local debug table: per GPU, each process with its pod, usage, limit, verdict."""
         if self.error is not None:
@@ -213,6 +218,10 @@ class Enforcer:
         self._clock = clock
         self._policies: dict[str, Policy] = {}
         self._terminating: dict[ProcessRef, tuple[float, str]] = {}
+        # Processes signalled that NVML still lists (exiting, a zombie, the
+        # driver tearing down the context): acted on once, never again.
+        self._signalled: set[ProcessRef] = set()
+        self._nvml_down: NvmlError | None = None
         self._evicted: dict[str, float] = {}
         self._soft_warned: set[tuple[str, str]] = set()
         # (pod UID, problem) already reported: one Event per bad input, not one per tick.
@@ -237,11 +246,19 @@ class Enforcer:
         except NvmlError as err:
             self._metrics.nvml_errors.labels(err.name).inc()
             log.error("NVML unavailable, nothing enforced: %s", err)
+            self._nvml_down = err
             self.last_report = TickReport(error=err)
             return self.last_report
+        if self._nvml_down is not None:
+            log.info(
+                "NVML available again (was: %s): %d GPU(s), enforcing", self._nvml_down, len(gpus)
+            )
+            self._nvml_down = None
         self._processes.prune()
         report = TickReport([self._gpu(gpu, sample_ticks) for gpu in gpus])
         self._processes.retain(s.pid for g in report.gpus for s in g.samples)
+        listed = {s.ref for g in report.gpus for s in g.samples if s.ref is not None}
+        self._signalled = {r for r in self._signalled if r in listed or r in self._terminating}
         owners = {u.owner for g in report.gpus for u in g.usages}
         self._limit_problems = {p for p in self._limit_problems if p[0] in owners}
         self.last_report = report
@@ -403,8 +420,8 @@ class Enforcer:
             self._soft_warned.discard(key)
         if decision.verdict is not Verdict.ENFORCE:
             return
-        if any(s.ref in self._terminating for s in usage.processes):
-            usage.action = Action.TERMINATING
+        if any(s.ref in self._terminating or s.ref in self._signalled for s in usage.processes):
+            usage.action = Action.TERMINATING  # acted on already; its outcome is logged once
             return
         action = self.config.action
         if usage.pod is None and action == "evict":
@@ -465,6 +482,7 @@ class Enforcer:
             self._metrics.signals.labels("SIGTERM").inc()
             deadline = self._clock() + self.config.grace
             self._terminating[sample.ref] = (deadline, usage.label)
+            self._signalled.add(sample.ref)
             signalled += 1
         return Action.KILL if signalled else Action.FAILED
 
@@ -473,6 +491,8 @@ class Enforcer:
         for ref, (deadline, label) in list(self._terminating.items()):
             if not is_running(ref, self.config.proc_root):
                 del self._terminating[ref]
+                waited = self.config.grace - (deadline - now)
+                log.info("PID %d of %s: terminated after SIGTERM (%.1fs)", ref.pid, label, waited)
                 continue
             if now < deadline:
                 continue
@@ -480,13 +500,17 @@ class Enforcer:
             try:
                 self._signal(ref, signal.SIGKILL)
             except ProcessGone:
+                log.info("PID %d of %s: gone before SIGKILL", ref.pid, label)
                 continue
             except OSError as err:
                 log.error("cannot SIGKILL PID %d: %s", ref.pid, err)
                 continue
             self._metrics.signals.labels("SIGKILL").inc()
             log.warning(
-                "PID %d of %s ignored SIGTERM for %.0fs: SIGKILL", ref.pid, label, self.config.grace
+                "PID %d of %s: killed after the grace (ignored SIGTERM for %.0fs)",
+                ref.pid,
+                label,
+                self.config.grace,
             )
 
     def _evict(self, usage: PodUsage) -> Action:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from agents.common.process import ProcessRef, signal_process
+from agents.common.process import ProcessRef, is_running, signal_process
 from agents.gpu_enforcer.cli import main
 from agents.gpu_enforcer.config import EnforcerConfig
 from agents.gpu_enforcer.enforcer import Enforcer
@@ -368,7 +368,7 @@ def test_no_gpu_library_is_reported_and_the_agent_stays_up(card: FakeNvmlWorld) 
     card.remove()  # the fake answers like a node whose driver is not loaded
     out = io.StringIO()
     code = main(["--local", "--once", "--metrics-address", "off"], stdout=out)
-    assert code == 0
+    assert code == 1  # nothing was checked (issue 9.8)
     assert "NVML unavailable" in out.getvalue() and "DRIVER_NOT_LOADED" in out.getvalue()
 
 
@@ -515,6 +515,43 @@ def test_a_pid_listed_twice_makes_the_card_untrusted(card: FakeNvmlWorld, pods: 
     main(argv, stdout=out)
     assert f"uncertain: PID {doubled.pid} listed twice" in out.getvalue()
     assert "would-kill" not in out.getvalue()
+
+
+# -- issue 9.8: exit codes, NVML recovery, one line per action and per outcome -------
+
+
+def test_once_exits_1_when_a_card_could_not_be_checked(card: FakeNvmlWorld) -> None:
+    argv = ["--local", "--replicas", "2", "--once"]
+    assert main(argv, stdout=io.StringIO()) == 0
+    card.inject("nvmlDeviceGetMemoryInfo", NVML_ERROR_GPU_IS_LOST, device=0)
+    assert main(argv, stdout=io.StringIO()) == 1
+
+
+def test_a_kill_is_logged_once_with_its_outcome_and_nvml_recovery_once(
+    card: FakeNvmlWorld, pods: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    greedy = pods("greedy")
+    card.write(processes=[FakeProcess(0, greedy.pid, 12 * GIB)])
+    card.inject("nvmlInit*", NVML_ERROR_DRIVER_NOT_LOADED)
+    card.inject("nvmlDeviceGetCount*", NVML_ERROR_DRIVER_NOT_LOADED)
+    argv = ["--local", "--replicas", "2", "--hold", "0", "--interval", "0.2"]
+    errors = ("gpu_mem_enforcer_nvml_errors_total", {"code": "DRIVER_NOT_LOADED"})
+    with caplog.at_level("INFO"), AgentThread(main, [*argv, "--metrics-address", "off"]) as agent:
+        wait_for(lambda: agent.value(*errors) >= 2, 10)
+        assert greedy.alive()
+        ref = ProcessRef.of(greedy.pid)
+        card.clear_errors()
+        # Not greedy.alive(): that would reap it. Unreaped, the exited process
+        # stays a zombie NVML still lists, as while a driver tears down its
+        # context: no second action.
+        wait_for(lambda: not is_running(ref), 10)
+        ticks = agent.value("gpu_mem_enforcer_ticks_total")
+        wait_for(lambda: agent.value("gpu_mem_enforcer_ticks_total") >= ticks + 5, 10)
+        assert agent.value("gpu_mem_enforcer_signals_total", {"signal": "SIGTERM"}) == 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "action kill" in m]) == 1
+    assert len([m for m in messages if f"PID {greedy.pid} of" in m and "terminated" in m]) == 1
+    assert len([m for m in messages if "NVML available again" in m]) == 1
 
 
 # -- issue 9.5: a pod's own annotation may only lower the admin's limit ------------
