@@ -16,7 +16,13 @@ container cgroup after the container ID:
   `/kubepods/pod<uid>/<id>`);
 - container cgroups: `cri-containerd-<id>.scope` (containerd), `crio-<id>.scope`
   or `crio-<id>` (CRI-O), `docker-<id>.scope` (dockershim, cri-dockerd), and a
-  bare `<id>` under cgroupfs (runtime unknown).
+  bare `<id>` under cgroupfs (runtime unknown);
+- the systemd `slice:prefix:id` form as one segment,
+  `kubepods-burstable-pod<uid>.slice:cri-containerd:<id>`: the cgroupsPath
+  containerd passes with `SystemdCgroup = true`, which runc on cgroup v1 takes
+  as a cgroupfs path when it does not drive systemd itself, below
+  containerd's own cgroup (`/system.slice/containerd.service/...`; Kubernetes
+  1.24, containerd 1.6).
 
 A reader in a cgroup namespace sees paths outside its namespace root relative
 to that root, as `/../` steps (cgroup-v2.rst, "Namespace"): an enforcer pod
@@ -47,7 +53,7 @@ _STATIC_POD_UID = r"[0-9a-f]{32}"
 # under a kubelet `--cgroup-root` (kind: `kubelet-kubepods-...-pod<uid>.slice`).
 _SYSTEMD_POD = re.compile(
     r"/(?:[^/]*-)?kubepods(?:-(burstable|besteffort))?"
-    rf"-pod({_UUID_UNDERSCORED}|{_STATIC_POD_UID})\.slice(?=/|$)"
+    rf"-pod({_UUID_UNDERSCORED}|{_STATIC_POD_UID})\.slice(?=/|:|$)"
 )
 # `/kubepods[/qos]/pod<uid>`, or `/..[/..]*[/qos]/pod<uid>` when the reader's
 # cgroup namespace hides the levels above. A bare `pod<uid>` anywhere else is
@@ -57,6 +63,8 @@ _CGROUPFS_POD = re.compile(
     rf"/pod({_UUID_DASHED}|{_STATIC_POD_UID})(?=/|$)"
 )
 _CONTAINER = re.compile(r"(?:(cri-containerd|crio|docker)-)?([0-9a-f]{64})(?:\.scope)?")
+# The rest of `<pod>.slice:<prefix>:<id>`: runc's systemd cgroupsPath, read as a path.
+_COLON_CONTAINER = re.compile(r":(?:(cri-containerd|crio|docker):)?([0-9a-f]{64})")
 # CRI-O's conmon, in the pod cgroup when `conmon_cgroup = "pod"` (the default
 # with the systemd driver): `crio-conmon-<id>.scope`, `crio-conmon-<id>` under cgroupfs.
 _CONMON = re.compile(r"crio-conmon-[0-9a-f]{64}(?:\.scope)?")
@@ -124,7 +132,9 @@ def parse_cgroup(text: str) -> ContainerRef | None:
     chosen_is_v2 = False
     others: list[ContainerRef] = []
     seen: set[str] = set()
-    for line in text.splitlines():
+    # "\n" only: the kernel ends each line with it, and a cgroup name may hold
+    # \r, \x0b, \x1c... that str.splitlines() would take for line ends.
+    for line in text.split("\n"):
         hierarchy, _, rest = line.partition(":")
         controllers, sep, path = rest.partition(":")
         if not (sep and hierarchy.isdigit() and path[:1] == "/"):
@@ -181,6 +191,11 @@ def _parse_path(path: str) -> ContainerRef | None:
         end = cgroupfs.end()
     else:
         return None
+    if path[end : end + 1] == ":":
+        colon = _COLON_CONTAINER.fullmatch(path[end:].split("/", 1)[0])
+        if colon is None:
+            return ContainerRef(pod_uid, "", "", qos)
+        return ContainerRef(pod_uid, colon.group(2), _RUNTIMES[colon.group(1)], qos)
     # The segment right below the pod is the container; anything deeper
     # (`init.scope`, a systemd-in-container slice, crun's `container`, a
     # docker-in-docker daemon's containers) belongs to that container.

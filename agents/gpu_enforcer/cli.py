@@ -37,6 +37,7 @@ from agents.common.settings import (
 from agents.gpu_enforcer.config import ACTIONS, EnforcerConfig
 from agents.gpu_enforcer.enforcer import Enforcer, Evictor, Notify, PodDirectory
 from agents.gpu_enforcer.limits import (
+    PEER_SCHEDULERS,
     LimitError,
     LimitsFile,
     parse_quantity,
@@ -48,6 +49,9 @@ from agents.gpu_enforcer.pods import KubeEvictor, KubePods, LocalPods
 from agents.gpu_enforcer.policy import PolicyConfig
 
 PROG = "gpu-mem-enforcer"
+# `--once` exit codes (2, bad configuration, is every agent's EXIT_BAD_CONFIG).
+EXIT_CHECKED = 0  # every card sampled and judged
+EXIT_NOT_CHECKED = 1  # NVML unavailable, a card in error or untrusted, or the tick failed
 log = logging.getLogger("agents.gpu_enforcer")
 
 
@@ -128,6 +132,14 @@ def build_parser(environ: Mapping[str, str] | None = None) -> AgentArgumentParse
         "else node label nvidia.com/gpu.replicas)",
     )
     parser.add_argument(
+        "--peer-scheduler",
+        action="append",
+        default=[],
+        env="PEER_SCHEDULER",
+        help=f"a GPU-memory scheduler in use ({'|'.join(PEER_SCHEDULERS)}; repeat or "
+        "comma-separate): its pod quantities become the admin's limit",
+    )
+    parser.add_argument(
         "--soft-fraction",
         type=_fraction,
         default=defaults.soft_fraction,
@@ -188,6 +200,16 @@ def _replicas_from_file(path: str) -> int | None:
         raise ConfigError(f"--device-plugin-config {path}: {err}") from err
 
 
+def _peer_schedulers(values: Sequence[str]) -> tuple[str, ...]:
+    names = [n.strip() for value in values for n in value.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(PEER_SCHEDULERS))
+    if unknown:
+        raise ConfigError(
+            f"--peer-scheduler {','.join(unknown)}: not one of {', '.join(PEER_SCHEDULERS)}"
+        )
+    return tuple(dict.fromkeys(names))
+
+
 def config_from_args(
     argv: Sequence[str] | None, environ: Mapping[str, str] | None
 ) -> tuple[EnforcerConfig, bool]:
@@ -209,6 +231,7 @@ def config_from_args(
             free_threshold=args.free_threshold,
         ),
         replicas=replicas,
+        peer_schedulers=_peer_schedulers(args.peer_scheduler),
         soft_fraction=args.soft_fraction,
         host_limit=args.host_limit,
         limits_file=args.limits_file,
@@ -233,7 +256,8 @@ def main(
     registry: CollectorRegistry | None = None,
     nvml: Nvml | None = None,
 ) -> int:
-    """Run the enforcer; returns the process exit code (2 on bad configuration)."""
+    """Run the enforcer; returns the exit code: 2 bad configuration; with --once,
+    0 when every card was checked and 1 when one could not be (README, "Run it")."""
     try:
         config, local = config_from_args(argv, environ)
         limits = LimitsFile.load(config.limits_file) if config.limits_file else None
@@ -271,9 +295,13 @@ def main(
     registry.register(SampleCollector(lambda: enforcer.last_report))
     try:
         if config.once:
-            report = enforcer.tick()
+            try:
+                report = enforcer.tick()
+            except Exception:
+                log.exception("the check failed")
+                return EXIT_NOT_CHECKED
             (stdout or sys.stdout).write(report.table())
-            return 0
+            return EXIT_CHECKED if report.checked else EXIT_NOT_CHECKED
         return _run(config, enforcer, registry, loop_metrics, stop=stop, iterations=iterations)
     finally:
         enforcer.close()

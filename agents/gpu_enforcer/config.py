@@ -39,6 +39,12 @@ class EnforcerConfig:
     """Time-slicing replicas per card for the agreed share; None: from the
     device-plugin config file, else the node label nvidia.com/gpu.replicas."""
 
+    peer_schedulers: tuple[str, ...] = ()
+    """Peer schedulers running in the cluster ("hami", "gpushare"): their
+    quantities (`nvidia.com/gpumem`, `aliyun.com/gpu-mem`) become the admin's
+    limit, since that scheduler placed the pod by them. Undeclared, they are
+    the pod's own word and may only lower its limit."""
+
     soft_fraction: float = 0.9
     """Soft limit (warning Event) as a fraction of the hard limit."""
 

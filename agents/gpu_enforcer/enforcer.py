@@ -5,8 +5,12 @@ it and make its neighbours fail. Each tick lists every GPU's compute
 processes through NVML, maps each host PID to its pod through
 /proc/<pid>/cgroup, sums memory per pod per GPU, and compares it with the
 pod's limit (limits.py) through the policy (policy.py). Nothing is done on
-uncertain data: an NVML error, usage not available, a record that fails a
-sanity check, a MIG card, a pod the node does not know.
+uncertain data: an NVML error, a listing that fails a sanity check (PID 0, a
+record above the card, a PID listed twice), a MIG card, a pod the node does
+not know. A record whose usage is not available (an MPS server, a process
+NVML cannot account) makes only its own pod's usage partly unknown: that pod
+is over when its known part alone is (policy.py); every other pod on the card
+is judged as usual.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from agents.common.process import (
     signal_process,
 )
 from agents.gpu_enforcer.config import EnforcerConfig
-from agents.gpu_enforcer.limits import Limit, LimitError, LimitPolicy
+from agents.gpu_enforcer.limits import AdminLimit, Limit, LimitPolicy
 from agents.gpu_enforcer.metrics import EnforcerMetrics
 from agents.gpu_enforcer.nvml import Gpu, Nvml, NvmlError
 from agents.gpu_enforcer.policy import Decision, Policy, Usage, Verdict
@@ -58,7 +62,9 @@ class PodDirectory(Protocol):
 
     def pod(self, uid: str) -> Mapping[str, Any] | None: ...
 
-    def namespace_default(self, namespace: str) -> str | None: ...
+    def admin_limit(self, pod: Mapping[str, Any]) -> AdminLimit | None:
+        """The limit an admin wrote for this pod (namespace default, limits file)."""
+        ...
 
     def replicas(self) -> int | None: ...
 
@@ -78,10 +84,11 @@ class ProcessSample:
     """One NVML process record, attributed."""
 
     pid: int
-    used_bytes: int
+    used_bytes: int  # 0 when not available
     ref: ProcessRef | None
     container: ContainerRef | None
     owner: str  # pod UID, "host", or "" when gone
+    usage_known: bool = True  # False: NVML_VALUE_NOT_AVAILABLE
 
 
 @dataclass
@@ -91,7 +98,7 @@ class PodUsage:
     gpu: Gpu
     owner: str
     pod: Mapping[str, Any] | None
-    used_bytes: int
+    used_bytes: int  # the known part
     limit: Limit | None
     processes: list[ProcessSample]
     verdict: Verdict = Verdict.OK
@@ -104,6 +111,11 @@ class PodUsage:
             return self.owner
         meta = self.pod.get("metadata", {})
         return f"{meta.get('namespace', '')}/{meta.get('name', self.owner)}".lstrip("/")
+
+    @property
+    def unknown(self) -> int:
+        """Processes of this pod on the card whose usage NVML could not tell."""
+        return sum(1 for p in self.processes if not p.usage_known)
 
 
 @dataclass
@@ -118,11 +130,21 @@ class GpuReport:
     def trusted(self) -> bool:
         return self.status == "ok"
 
+    @property
+    def usage_unknown(self) -> int:
+        """Records on the card whose usage is not available."""
+        return sum(1 for s in self.samples if not s.usage_known)
+
 
 @dataclass
 class TickReport:
     gpus: list[GpuReport] = field(default_factory=list)
     error: NvmlError | None = None
+
+    @property
+    def checked(self) -> bool:
+        """Every card was sampled and judged (MIG cards count: nothing to enforce there)."""
+        return self.error is None and all(g.status in ("ok", "mig") for g in self.gpus)
 
     def table(self) -> str:
         """The local debug table: per GPU, each process with its pod, usage, limit, verdict."""
@@ -148,10 +170,8 @@ class TickReport:
                 verdict = f"{usage.verdict} / {usage.action}" if usage is not None else "ignored"
                 if usage is not None and usage.reason:
                     verdict += f" ({usage.reason})"
-                lines.append(
-                    f"  {sample.pid:>8}  {who:<48} {_mib(sample.used_bytes):>10} {limit:>10}  "
-                    f"{verdict}"
-                )
+                used = _mib(sample.used_bytes) if sample.usage_known else "unknown"
+                lines.append(f"  {sample.pid:>8}  {who:<48} {used:>10} {limit:>10}  {verdict}")
         return "\n".join(lines) + "\n"
 
 
@@ -198,8 +218,16 @@ class Enforcer:
         self._clock = clock
         self._policies: dict[str, Policy] = {}
         self._terminating: dict[ProcessRef, tuple[float, str]] = {}
+        # Processes signalled that NVML still lists (exiting, a zombie, the
+        # driver tearing down the context): acted on once, never again.
+        self._signalled: set[ProcessRef] = set()
+        self._nvml_down: NvmlError | None = None
         self._evicted: dict[str, float] = {}
         self._soft_warned: set[tuple[str, str]] = set()
+        # (pod UID, problem) already reported: one Event per bad input, not one per tick.
+        self._limit_problems: set[tuple[str, str]] = set()
+        # Per card, the PIDs whose usage was not available at the last report.
+        self._unknown_usage: dict[str, frozenset[int]] = {}
         # Each GPU process's identity and pod, held by a pidfd while it lives.
         self._processes: LiveProcesses[ContainerRef | None] = LiveProcesses(config.proc_root)
         self.last_report = TickReport()
@@ -218,11 +246,21 @@ class Enforcer:
         except NvmlError as err:
             self._metrics.nvml_errors.labels(err.name).inc()
             log.error("NVML unavailable, nothing enforced: %s", err)
+            self._nvml_down = err
             self.last_report = TickReport(error=err)
             return self.last_report
+        if self._nvml_down is not None:
+            log.info(
+                "NVML available again (was: %s): %d GPU(s), enforcing", self._nvml_down, len(gpus)
+            )
+            self._nvml_down = None
         self._processes.prune()
         report = TickReport([self._gpu(gpu, sample_ticks) for gpu in gpus])
         self._processes.retain(s.pid for g in report.gpus for s in g.samples)
+        listed = {s.ref for g in report.gpus for s in g.samples if s.ref is not None}
+        self._signalled = {r for r in self._signalled if r in listed or r in self._terminating}
+        owners = {u.owner for g in report.gpus for u in g.usages}
+        self._limit_problems = {p for p in self._limit_problems if p[0] in owners}
         self.last_report = report
         self._metrics.scan_duration.observe(self._clock() - started)
         return report
@@ -242,9 +280,8 @@ class Enforcer:
             report.status = f"uncertain: {problem}"
             log.warning("GPU %d %s: %s; no action on this card", gpu.index, gpu.uuid, problem)
             return report
-        report.samples = [
-            self._attribute(p.pid, p.used_bytes or 0, sample_ticks) for p in gpu.processes
-        ]
+        report.samples = [self._attribute(p.pid, p.used_bytes, sample_ticks) for p in gpu.processes]
+        self._report_unknown_usage(gpu, report.samples)
         by_owner: dict[str, list[ProcessSample]] = {}
         for sample in report.samples:
             if not sample.owner:
@@ -254,7 +291,11 @@ class Enforcer:
                 continue
             by_owner.setdefault(sample.owner, []).append(sample)
         replicas = self.config.replicas or self._pods.replicas()
-        limits = LimitPolicy(replicas=replicas, soft_fraction=self.config.soft_fraction)
+        limits = LimitPolicy(
+            replicas=replicas,
+            soft_fraction=self.config.soft_fraction,
+            peer_schedulers=frozenset(self.config.peer_schedulers),
+        )
         for owner, samples in by_owner.items():
             usage = self._usage(gpu, owner, samples, limits)
             if usage is None:
@@ -266,7 +307,7 @@ class Enforcer:
         decisions = policy.decide(
             gpu.total_bytes,
             gpu.used_bytes,
-            [Usage((gpu.uuid, u.owner), u.used_bytes, u.limit) for u in report.usages],
+            [Usage((gpu.uuid, u.owner), u.used_bytes, u.limit, u.unknown) for u in report.usages],
             self._clock(),
         )
         by_key = {d.key: d for d in decisions}
@@ -276,17 +317,45 @@ class Enforcer:
 
     @staticmethod
     def _sanity(gpu: Gpu) -> str:
-        """Why this card's records cannot be trusted, or '' when they can."""
+        """Why this card's whole listing cannot be trusted, or '' when it can.
+
+        Usage not available is not such a reason: it is one record's gap, and
+        the policy judges that record's pod on the rest (policy.py).
+        """
+        seen: set[int] = set()
         for proc in gpu.processes:
             if proc.pid <= 0:
                 return f"process record with PID {proc.pid}"
-            if proc.used_bytes is None:
-                return f"usage not available for PID {proc.pid}"
-            if proc.used_bytes > gpu.total_bytes:
+            if proc.used_bytes is not None and proc.used_bytes > gpu.total_bytes:
                 return f"PID {proc.pid} uses {proc.used_bytes} bytes, more than the card has"
+            if proc.pid in seen:
+                return f"PID {proc.pid} listed twice"
+            seen.add(proc.pid)
         return ""
 
-    def _attribute(self, pid: int, used: int, sample_ticks: int) -> ProcessSample:
+    def _report_unknown_usage(self, gpu: Gpu, samples: list[ProcessSample]) -> None:
+        """One log line when the card's set of records without usage changes."""
+        unknown = frozenset(s.pid for s in samples if not s.usage_known)
+        if unknown == self._unknown_usage.get(gpu.uuid, frozenset()):
+            return
+        self._unknown_usage[gpu.uuid] = unknown
+        if not unknown:
+            log.info("GPU %d %s: usage known again for every process", gpu.index, gpu.uuid)
+            return
+        whose = ", ".join(
+            f"PID {s.pid} ({s.owner or 'gone'})" for s in samples if not s.usage_known
+        )
+        log.warning(
+            "GPU %d %s: usage not available for %s; those pods are judged on their known "
+            "usage, the others as usual",
+            gpu.index,
+            gpu.uuid,
+            whose,
+        )
+
+    def _attribute(self, pid: int, used_or_none: int | None, sample_ticks: int) -> ProcessSample:
+        known_usage = used_or_none is not None
+        used = used_or_none or 0
         proc_root = self.config.proc_root
         known = self._processes.get(pid)
         try:
@@ -296,18 +365,18 @@ class Enforcer:
                 known = self._processes.add(pid, lambda _ref: read_cgroup(pid, proc_root))
         except (ProcessGone, AttributionGone):
             self._metrics.processes_vanished.inc()
-            return ProcessSample(pid, used, None, None, "")
+            return ProcessSample(pid, used, None, None, "", known_usage)
         except (AttributionError, OSError) as err:
             log.warning("PID %d: %s; treated as unknown", pid, err)
-            return ProcessSample(pid, used, None, None, "")
+            return ProcessSample(pid, used, None, None, "", known_usage)
         ref, container = known
         if ref.start_time > sample_ticks:
             # Started after the tick began, so after NVML may have listed the
             # PID: it may name a newcomer that reused it.
             self._metrics.identity_mismatches.inc()
-            return ProcessSample(pid, used, None, None, "")
+            return ProcessSample(pid, used, None, None, "", known_usage)
         owner = container.pod_uid if container is not None else HOST
-        return ProcessSample(pid, used, ref, container, owner)
+        return ProcessSample(pid, used, ref, container, owner, known_usage)
 
     def _usage(
         self, gpu: Gpu, owner: str, samples: list[ProcessSample], limits: LimitPolicy
@@ -325,14 +394,13 @@ class Enforcer:
         if pod is None:
             # A pod this node does not know (yet): never act on it.
             return None
-        namespace = pod.get("metadata", {}).get("namespace", "")
-        try:
-            limit = limits.resolve(pod, gpu.total_bytes, self._pods.namespace_default(namespace))
-        except LimitError as err:
-            log.warning("pod %s: bad limit (%s); left alone", owner, err)
-            self._notify_pod(pod, "Warning", "GPUMemoryLimitInvalid", str(err))
-            limit = None
-        return PodUsage(gpu, owner, pod, used, limit, samples)
+        resolution = limits.resolve(pod, gpu.total_bytes, self._pods.admin_limit(pod))
+        for problem in resolution.problems:
+            if (owner, problem) not in self._limit_problems:
+                self._limit_problems.add((owner, problem))
+                log.warning("pod %s: %s", owner, problem)
+                self._notify_pod(pod, "Warning", "GPUMemoryLimitInvalid", problem)
+        return PodUsage(gpu, owner, pod, used, resolution.limit, samples)
 
     # -- acting ------------------------------------------------------------
 
@@ -352,8 +420,8 @@ class Enforcer:
             self._soft_warned.discard(key)
         if decision.verdict is not Verdict.ENFORCE:
             return
-        if any(s.ref in self._terminating for s in usage.processes):
-            usage.action = Action.TERMINATING
+        if any(s.ref in self._terminating or s.ref in self._signalled for s in usage.processes):
+            usage.action = Action.TERMINATING  # acted on already; its outcome is logged once
             return
         action = self.config.action
         if usage.pod is None and action == "evict":
@@ -373,8 +441,13 @@ class Enforcer:
 
     def _numbers(self, usage: PodUsage, what: str) -> str:
         limit = usage.limit
+        unknown = (
+            f" (and {usage.unknown} process(es) whose usage is not available)"
+            if usage.unknown
+            else ""
+        )
         return (
-            f"uses {usage.used_bytes} bytes of GPU {usage.gpu.index} ({usage.gpu.uuid}), "
+            f"uses {usage.used_bytes} bytes{unknown} of GPU {usage.gpu.index} ({usage.gpu.uuid}), "
             f"limit {limit.hard_bytes if limit else '-'} bytes "
             f"({limit.source if limit else 'none'}); {what}"
         )
@@ -409,6 +482,7 @@ class Enforcer:
             self._metrics.signals.labels("SIGTERM").inc()
             deadline = self._clock() + self.config.grace
             self._terminating[sample.ref] = (deadline, usage.label)
+            self._signalled.add(sample.ref)
             signalled += 1
         return Action.KILL if signalled else Action.FAILED
 
@@ -417,6 +491,8 @@ class Enforcer:
         for ref, (deadline, label) in list(self._terminating.items()):
             if not is_running(ref, self.config.proc_root):
                 del self._terminating[ref]
+                waited = self.config.grace - (deadline - now)
+                log.info("PID %d of %s: terminated after SIGTERM (%.1fs)", ref.pid, label, waited)
                 continue
             if now < deadline:
                 continue
@@ -424,13 +500,17 @@ class Enforcer:
             try:
                 self._signal(ref, signal.SIGKILL)
             except ProcessGone:
+                log.info("PID %d of %s: gone before SIGKILL", ref.pid, label)
                 continue
             except OSError as err:
                 log.error("cannot SIGKILL PID %d: %s", ref.pid, err)
                 continue
             self._metrics.signals.labels("SIGKILL").inc()
             log.warning(
-                "PID %d of %s ignored SIGTERM for %.0fs: SIGKILL", ref.pid, label, self.config.grace
+                "PID %d of %s: killed after the grace (ignored SIGTERM for %.0fs)",
+                ref.pid,
+                label,
+                self.config.grace,
             )
 
     def _evict(self, usage: PodUsage) -> Action:

@@ -86,12 +86,24 @@ class SampleCollector(Collector):
             "Memory of processes in no known pod (host processes, unknown pods).",
             labels=gpu_labels,
         )
+        usage_unknown = GaugeMetricFamily(
+            f"{PREFIX}_usage_unknown_processes",
+            "Processes on the card whose memory NVML reports as not available (MPS, "
+            "unaccounted); their pods are judged on the known part.",
+            labels=gpu_labels,
+        )
         pod_labels = ["gpu", "namespace", "pod"]
         pod_used = GaugeMetricFamily(
             f"{PREFIX}_pod_used_bytes", "GPU memory of a pod on a card.", labels=pod_labels
         )
         pod_limit = GaugeMetricFamily(
             f"{PREFIX}_pod_limit_bytes", "The pod's hard limit on the card.", labels=pod_labels
+        )
+        pod_unknown = GaugeMetricFamily(
+            f"{PREFIX}_pod_usage_unknown_processes",
+            "Processes of the pod on the card whose memory is not available; "
+            "pod_used_bytes is the known part.",
+            labels=pod_labels,
         )
         over = GaugeMetricFamily(
             f"{PREFIX}_pod_over_limit",
@@ -108,14 +120,26 @@ class SampleCollector(Collector):
             total.add_metric(labels, gpu.total_bytes)
             used.add_metric(labels, gpu.used_bytes)
             unattributed.add_metric(labels, gpu_report.unattributed_bytes)
+            usage_unknown.add_metric(labels, gpu_report.usage_unknown)
             for usage in gpu_report.usages:
                 meta = (usage.pod or {}).get("metadata", {})
                 plabels = [gpu.uuid, meta.get("namespace", ""), meta.get("name", usage.owner)]
                 pod_used.add_metric(plabels, usage.used_bytes)
+                pod_unknown.add_metric(plabels, usage.unknown)
                 if usage.limit is not None:
                     pod_limit.add_metric(plabels, usage.limit.hard_bytes)
                 over.add_metric(plabels, 1 if usage.verdict in ("over-limit", "enforce") else 0)
-        yield from (total, used, trusted, unattributed, pod_used, pod_limit, over)
+        yield from (
+            total,
+            used,
+            trusted,
+            unattributed,
+            usage_unknown,
+            pod_used,
+            pod_unknown,
+            pod_limit,
+            over,
+        )
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         return iter(())

@@ -8,9 +8,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from agents.gpu_enforcer.limits import (
-    ANNOTATION_LIMIT,
     ANNOTATION_NAMESPACE_DEFAULT,
     LABEL_REPLICAS,
+    AdminLimit,
     LimitsFile,
 )
 
@@ -25,15 +25,13 @@ class LocalPods:
         self._replicas = replicas
 
     def pod(self, uid: str) -> Mapping[str, Any] | None:
-        annotations = {}
-        if self._limits is not None and uid in self._limits.pods:
-            annotations[ANNOTATION_LIMIT] = str(self._limits.pods[uid])
-        return {"metadata": {"uid": uid, "name": uid, "namespace": "", "annotations": annotations}}
+        return {"metadata": {"uid": uid, "name": uid, "namespace": "", "annotations": {}}}
 
-    def namespace_default(self, namespace: str) -> str | None:
-        if self._limits is None or self._limits.default is None:
+    def admin_limit(self, pod: Mapping[str, Any]) -> AdminLimit | None:
+        # The operator wrote the file: its entries are the admin's, not the pod's.
+        if self._limits is None:
             return None
-        return str(self._limits.default)
+        return self._limits.admin_limit(pod.get("metadata", {}).get("uid", ""))
 
     def replicas(self) -> int | None:
         return self._replicas
@@ -69,7 +67,15 @@ class KubePods:
         pod: Mapping[str, Any] | None = self._cache.get(uid)
         return pod
 
-    def namespace_default(self, namespace: str) -> str | None:
+    def admin_limit(self, pod: Mapping[str, Any]) -> AdminLimit | None:
+        """The namespace's default annotation, if its namespace has one."""
+        namespace = pod.get("metadata", {}).get("namespace", "")
+        value = self._namespace_default(namespace)
+        if value is None:
+            return None
+        return AdminLimit(value, f"namespace {namespace} annotation {ANNOTATION_NAMESPACE_DEFAULT}")
+
+    def _namespace_default(self, namespace: str) -> str | None:
         cached = self._namespaces.get(namespace)
         if cached is not None and self._clock() - cached[0] < self._ttl:
             return cached[1]

@@ -6,6 +6,11 @@ the ceiling (gross overuse would OOM the neighbours before the hold ends). In
 pressure-aware mode a pod may borrow above its share while the card has free
 memory above the threshold; under pressure the pods furthest over their share
 are reclaimed first, until the card is back above the threshold.
+
+A pod with records whose usage NVML cannot tell (an MPS client, a process the
+driver does not account) is judged on the known part: over when that alone
+is over. Within the limit it is `usage-unknown`, not `ok`: its hold neither
+starts nor ends, since its real usage may be above the limit.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ class Verdict(StrEnum):
     BORROWING = "borrowing"  # over its share, the card has room (pressure-aware)
     ENFORCE = "enforce"
     NO_LIMIT = "no-limit"
+    UNKNOWN = "usage-unknown"  # the known part is within the limit; the rest is not known
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,10 @@ class Usage:
 
     key: Hashable
     used_bytes: int
+    """The known part: the sum over records whose usage NVML reported."""
     limit: Limit | None
+    unknown: int = 0
+    """Records of the pod whose usage is not available."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,15 @@ class Policy:
                 self._over_since.pop(usage.key, None)
                 continue
             used = usage.used_bytes
+            if used <= limit.hard_bytes and usage.unknown:
+                # Keep a running hold as it is: releasing it on a sample that
+                # lacks part of the usage would let a pod reset its hold.
+                decisions[usage.key] = Decision(
+                    usage.key,
+                    Verdict.UNKNOWN,
+                    f"usage not available for {usage.unknown} process(es); {used} bytes known",
+                )
+                continue
             if used <= limit.hard_bytes:
                 self._over_since.pop(usage.key, None)
                 verdict = Verdict.SOFT if used > limit.soft_bytes else Verdict.OK

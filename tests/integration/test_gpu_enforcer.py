@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from agents.common.process import ProcessRef, signal_process
+from agents.common.process import ProcessRef, is_running, signal_process
 from agents.gpu_enforcer.cli import main
 from agents.gpu_enforcer.config import EnforcerConfig
 from agents.gpu_enforcer.enforcer import Enforcer
@@ -350,20 +350,12 @@ def test_nvml_errors_mid_run_stop_actions_until_it_recovers(card: FakeNvmlWorld,
         card.inject("nvmlInit*", NVML_ERROR_DRIVER_NOT_LOADED)
         card.inject("nvmlDeviceGetCount*", NVML_ERROR_DRIVER_NOT_LOADED)
         wait_for(lambda: agent.value("gpu_mem_enforcer_up") == 0, 10)
-        # Usage not available: still no action.
+        # Usage not available for its only process: nothing known is over.
         card.clear_errors()
         card.set_used(greedy.pid, None)
         wait_for(lambda: agent.value("gpu_mem_enforcer_up") == 1, 10)
-        wait_for(
-            lambda: (
-                agent.value(
-                    "gpu_mem_enforcer_gpu_trusted",
-                    {"gpu": fake_uuid(0), "index": "0", "status": "uncertain"},
-                )
-                == 0
-            ),
-            10,
-        )
+        labels = {"gpu": fake_uuid(0), "index": "0"}
+        wait_for(lambda: agent.value("gpu_mem_enforcer_usage_unknown_processes", labels) == 1, 10)
         time.sleep(1.0)
         assert greedy.alive()
         # Recovered: the hold runs and the pod is stopped.
@@ -376,7 +368,7 @@ def test_no_gpu_library_is_reported_and_the_agent_stays_up(card: FakeNvmlWorld) 
     card.remove()  # the fake answers like a node whose driver is not loaded
     out = io.StringIO()
     code = main(["--local", "--once", "--metrics-address", "off"], stdout=out)
-    assert code == 0
+    assert code == 1  # nothing was checked (issue 9.8)
     assert "NVML unavailable" in out.getvalue() and "DRIVER_NOT_LOADED" in out.getvalue()
 
 
@@ -444,7 +436,7 @@ def test_limits_come_from_annotations_namespace_default_and_share(
     hami_pod = kube_pod(hami)
     hami_pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpumem"] = "3000"
     objects = [
-        kube_pod(annotated, annotations={ANNOTATION_LIMIT: "12Gi"}),
+        kube_pod(annotated, annotations={ANNOTATION_LIMIT: "2500Mi"}),
         kube_pod(defaulted, namespace="team"),
         kube_pod(shared, gpus=1),
         hami_pod,
@@ -469,11 +461,148 @@ def test_limits_come_from_annotations_namespace_default_and_share(
             {"gpu": fake_uuid(0), "namespace": namespace, "pod": pod.name},
         )
 
-    assert limit(annotated) == 12 * GIB
+    assert limit(annotated) == 2500 * 1024**2  # lowers the 4 GiB share
     assert limit(defaulted, "team") == 2 * GIB
     assert limit(shared) == CARD // 4  # node label nvidia.com/gpu.replicas=4
     assert limit(hami) == 3000 * 1024**2
     assert f"ml/{annotated.name}" in table and "team/defaulted" in table
+
+
+# -- issue 9.6: a record without usage makes only its own pod's usage unknown --------
+
+
+def test_a_process_without_usage_does_not_shield_the_other_pods(
+    card: FakeNvmlWorld, pods: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    greedy, mps = pods("greedy"), pods("mps")
+    host = subprocess.Popen(["sleep", "300"])  # an MPS server NVML cannot account
+    try:
+        card.write(
+            processes=[
+                FakeProcess(0, greedy.pid, 10 * GIB),
+                FakeProcess(0, mps.pid, None),
+                FakeProcess(0, host.pid, None),
+            ]
+        )
+        argv = enforcer_argv(tmp_path, "--hold", "0.5", "--grace", "2")
+        with (
+            caplog.at_level("WARNING"),
+            cluster(tmp_path, kube_pod(greedy), kube_pod(mps)),
+            AgentThread(main, argv) as agent,
+        ):
+            wait_for(lambda: not greedy.alive(), 10)
+            labels = {"gpu": fake_uuid(0), "index": "0"}
+            assert agent.value("gpu_mem_enforcer_usage_unknown_processes", labels) == 2
+            pod_labels = {"gpu": fake_uuid(0), "namespace": "ml", "pod": "mps"}
+            assert agent.value("gpu_mem_enforcer_pod_usage_unknown_processes", pod_labels) == 1
+            assert agent.value("gpu_mem_enforcer_pod_over_limit", pod_labels) == 0
+        assert mps.alive() and host.poll() is None
+        [line] = [r.getMessage() for r in caplog.records if "usage not available" in r.getMessage()]
+        assert f"PID {mps.pid} ({mps.uid})" in line and f"PID {host.pid} (host)" in line
+    finally:
+        host.kill()
+        host.wait()
+
+
+def test_a_pid_listed_twice_makes_the_card_untrusted(card: FakeNvmlWorld, pods: Any) -> None:
+    # Summed twice, 5 GiB would look like 10 GiB, over the 8 GiB share.
+    doubled = pods("doubled")
+    card.write(
+        processes=[FakeProcess(0, doubled.pid, 5 * GIB), FakeProcess(0, doubled.pid, 5 * GIB)]
+    )
+    out = io.StringIO()
+    argv = ["--local", "--replicas", "2", "--hold", "0", "--once", "--dry-run"]
+    main(argv, stdout=out)
+    assert f"uncertain: PID {doubled.pid} listed twice" in out.getvalue()
+    assert "would-kill" not in out.getvalue()
+
+
+# -- issue 9.8: exit codes, NVML recovery, one line per action and per outcome -------
+
+
+def test_once_exits_1_when_a_card_could_not_be_checked(card: FakeNvmlWorld) -> None:
+    argv = ["--local", "--replicas", "2", "--once"]
+    assert main(argv, stdout=io.StringIO()) == 0
+    card.inject("nvmlDeviceGetMemoryInfo", NVML_ERROR_GPU_IS_LOST, device=0)
+    assert main(argv, stdout=io.StringIO()) == 1
+
+
+def test_a_kill_is_logged_once_with_its_outcome_and_nvml_recovery_once(
+    card: FakeNvmlWorld, pods: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    greedy = pods("greedy")
+    card.write(processes=[FakeProcess(0, greedy.pid, 12 * GIB)])
+    card.inject("nvmlInit*", NVML_ERROR_DRIVER_NOT_LOADED)
+    card.inject("nvmlDeviceGetCount*", NVML_ERROR_DRIVER_NOT_LOADED)
+    argv = ["--local", "--replicas", "2", "--hold", "0", "--interval", "0.2"]
+    errors = ("gpu_mem_enforcer_nvml_errors_total", {"code": "DRIVER_NOT_LOADED"})
+    with caplog.at_level("INFO"), AgentThread(main, [*argv, "--metrics-address", "off"]) as agent:
+        wait_for(lambda: agent.value(*errors) >= 2, 10)
+        assert greedy.alive()
+        ref = ProcessRef.of(greedy.pid)
+        card.clear_errors()
+        # Not greedy.alive(): that would reap it. Unreaped, the exited process
+        # stays a zombie NVML still lists, as while a driver tears down its
+        # context: no second action.
+        wait_for(lambda: not is_running(ref), 10)
+        ticks = agent.value("gpu_mem_enforcer_ticks_total")
+        wait_for(lambda: agent.value("gpu_mem_enforcer_ticks_total") >= ticks + 5, 10)
+        assert agent.value("gpu_mem_enforcer_signals_total", {"signal": "SIGTERM"}) == 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "action kill" in m]) == 1
+    assert len([m for m in messages if f"PID {greedy.pid} of" in m and "terminated" in m]) == 1
+    assert len([m for m in messages if "NVML available again" in m]) == 1
+
+
+# -- issue 9.5: a pod's own annotation may only lower the admin's limit ------------
+
+
+def test_a_pod_cannot_exempt_itself_by_annotation(
+    card: FakeNvmlWorld, pods: Any, tmp_path: Path
+) -> None:
+    huge, garbled = pods("huge"), pods("garbled")
+    card.write(processes=[FakeProcess(0, huge.pid, 5 * GIB), FakeProcess(0, garbled.pid, 5 * GIB)])
+    objects = [
+        kube_pod(huge, annotations={ANNOTATION_LIMIT: "1Ei"}),
+        kube_pod(garbled, annotations={ANNOTATION_LIMIT: "lots"}),
+    ]
+    argv = enforcer_argv(tmp_path, "--hold", "1", "--grace", "2")
+    with cluster(tmp_path, *objects, replicas=4) as kube, AgentThread(main, argv) as agent:
+        # 5 GiB each, over the 4 GiB share (16 GiB / 4): neither annotation helps.
+        wait_for(lambda: not huge.alive() and not garbled.alive(), 10)
+        # The counter follows the signal by a few instructions.
+        wait_for(
+            lambda: agent.value("gpu_mem_enforcer_signals_total", {"signal": "SIGTERM"}) == 2, 10
+        )
+        reasons = [
+            e["reason"]
+            for e in kube.objects("events", "ml")
+            if e["involvedObject"].get("uid") == garbled.uid
+        ]
+    # Several ticks saw the bad annotation; it is reported once.
+    assert sorted(reasons) == ["GPUMemoryLimitEnforced", "GPUMemoryLimitInvalid"]
+
+
+def test_local_mode_names_the_limits_file_and_its_entries_are_the_admins(
+    card: FakeNvmlWorld, pods: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    raised, defaulted = pods("raised"), pods("defaulted")
+    card.write(
+        processes=[FakeProcess(0, raised.pid, 6 * GIB), FakeProcess(0, defaulted.pid, 6 * GIB)]
+    )
+    limits = tmp_path / "limits.yaml"
+    limits.write_text(f'default: 4Gi\npods:\n  "{raised.uid}": 7Gi\n')
+    out = io.StringIO()
+    argv = ["--local", "--limits-file", str(limits), "--hold", "0", "--once", "--dry-run"]
+    with caplog.at_level("WARNING"):
+        assert main(argv, stdout=out) == 0
+    table = out.getvalue()
+    # The operator's per-pod entry raises that pod above the file's default.
+    [row] = [r for r in table.splitlines() if raised.uid in r]
+    assert "7168MiB" in row and "ok / none" in row
+    [line] = [r.getMessage() for r in caplog.records if "would-kill" in r.getMessage()]
+    assert defaulted.uid in line and f"({limits} default)" in line
+    assert "namespace default" not in caplog.text
 
 
 # -- the other actions and policies -------------------------------------------------

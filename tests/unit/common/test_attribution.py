@@ -430,3 +430,44 @@ def test_reaped_process_is_gone() -> None:
     child.wait()
     with pytest.raises(ProcessGone):
         read_cgroup(child.pid)
+
+
+SEPARATORS = ["\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028"]
+
+
+@pytest.mark.parametrize("separator", SEPARATORS)
+def test_only_newline_ends_a_line(separator: str) -> None:
+    # A cgroup name may hold any byte but "/" and NUL, and the kernel ends
+    # each line with "\n" only (proc_cgroup_show); str.splitlines() also
+    # breaks at these. A container that names a sub-cgroup so must stay its
+    # pod's (not turn "malformed" and escape enforcement)...
+    nested = f"0::{SYSTEMD_BURSTABLE}/cri-containerd-{CTR}.scope/a{separator}b\n"
+    assert parse_cgroup(nested) == ref(POD, CTR, "containerd", "burstable")
+    # ...and a host cgroup named like a second line must not name a pod.
+    forged = f"0::/system.slice/evil{separator}0::/../pod{POD}/{CTR}\n"
+    assert parse_cgroup(forged) is None
+
+
+SLICE_PREFIX_ID = f"kubepods-burstable-pod{POD_}.slice:cri-containerd:{CTR}"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # containerd with `SystemdCgroup = true` under a runc that used the
+        # systemd form as a cgroupfs path: below containerd's own cgroup (v1)
+        v1_lines(f"/system.slice/containerd.service/{SLICE_PREFIX_ID}"),
+        f"0::/system.slice/containerd.service/{SLICE_PREFIX_ID}\n",
+        f"11:devices:/{SLICE_PREFIX_ID}\n",
+    ],
+)
+def test_slice_prefix_id_form(text: str) -> None:
+    assert parse_cgroup(text) == ref(POD, CTR, "containerd", "burstable")
+
+
+def test_slice_prefix_id_form_with_crio_and_a_bad_id() -> None:
+    crio = parse_cgroup(f"0::/kubepods-pod{POD_}.slice:crio:{CTR}\n")
+    assert crio == ref(POD, CTR, "cri-o", "guaranteed")
+    # The pod is named; what follows is no container ID: the pod's, never signalled.
+    short = parse_cgroup(f"0::/kubepods-pod{POD_}.slice:cri-containerd:{CTR[:16]}\n")
+    assert short == ref(POD, "", "", "guaranteed")

@@ -68,5 +68,22 @@ def test_no_gpu_library_on_the_node_is_reported_and_not_fatal(tmp_path: Path) ->
         timeout=60,
         check=False,
     )
-    assert done.returncode == 0, done.stderr
+    # Issue 9.8: nothing was checked, so not 0; the agent itself stays up in a loop.
+    assert done.returncode == 1, done.stderr
     assert "NVML unavailable" in done.stdout and "LIBRARY_NOT_FOUND" in done.stdout
+
+
+def test_peer_schedulers_from_flags_and_env() -> None:
+    config, _ = config_from_args(
+        ["--peer-scheduler", "hami,gpushare", "--peer-scheduler", "hami"], {}
+    )
+    assert config.peer_schedulers == ("hami", "gpushare")
+    config, _ = config_from_args([], {"GPU_MEM_ENFORCER_PEER_SCHEDULER": "gpushare"})
+    assert config.peer_schedulers == ("gpushare",)
+    assert config_from_args([], {})[0].peer_schedulers == ()
+
+
+def test_an_unknown_peer_scheduler_is_bad_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--peer-scheduler", "volcano", "--once", "--local"], environ={}) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "volcano" in err[0]

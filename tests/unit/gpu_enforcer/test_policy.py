@@ -96,3 +96,22 @@ def test_state_of_pods_that_left_is_dropped() -> None:
     verdicts(policy, [], 5.0)
     # Back after leaving: a new hold.
     assert verdicts(policy, [Usage("a", 11 * GIB, SHARE)], 20.0)["a"] is Verdict.OVER
+
+
+def test_the_known_part_alone_over_the_limit_is_over() -> None:
+    policy = Policy(PolicyConfig(hold=0))
+    result = verdicts(policy, [Usage("a", 11 * GIB, SHARE, unknown=1)], 0.0)
+    assert result["a"] is Verdict.ENFORCE
+
+
+def test_a_record_without_usage_never_makes_a_pod_over_nor_releases_its_hold() -> None:
+    policy = Policy(PolicyConfig(hold=15))
+    assert verdicts(policy, [Usage("a", 11 * GIB, SHARE)], 0.0)["a"] is Verdict.OVER
+    # Part of the usage is unknown: within the limit on what is known, not "ok".
+    partial = [Usage("a", 2 * GIB, SHARE, unknown=1)]
+    assert verdicts(policy, partial, 10.0)["a"] is Verdict.UNKNOWN
+    # Known again and still over: the hold ran all along, from 0 s.
+    assert verdicts(policy, [Usage("a", 11 * GIB, SHARE)], 15.0)["a"] is Verdict.ENFORCE
+    # Unknown from the first sample: no hold starts.
+    fresh = Policy(PolicyConfig(hold=0))
+    assert verdicts(fresh, [Usage("b", 0, SHARE, unknown=2)], 0.0)["b"] is Verdict.UNKNOWN
