@@ -190,6 +190,7 @@ class Healer:
             # reports no mount change: the selection is still valid.
             self._layout = self._select(table)
             self._layout_of = table
+            self._metrics.mountinfo_malformed_lines.set(len(table.malformed))
         return [_Candidate(root, mount, conn) for root, mount, conn in self._layout]
 
     def _select(self, table: MountTable) -> list[tuple[Mount, Mount, int]]:

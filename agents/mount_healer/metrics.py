@@ -70,6 +70,12 @@ class HealerMetrics:
             "Unix time the last sweep finished.",
             registry=registry,
         )
+        self.mountinfo_malformed_lines = Gauge(
+            f"{PREFIX}_mountinfo_malformed_lines",
+            "Lines of the last mountinfo read that did not parse: mounts the healer cannot "
+            "see (each is logged).",
+            registry=registry,
+        )
         self.event_driven = Gauge(
             f"{PREFIX}_event_driven",
             "1 when process exits wake a sweep (process-event connector), 0 when only the "

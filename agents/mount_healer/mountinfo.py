@@ -73,14 +73,15 @@ def parse_line(line: str) -> Mount:
 
     Optional fields (`shared:N`, `master:N`, `propagate_from:N`, `unbindable`,
     and any future ones) run up to the `-` separator, so there may be none.
+    After it come exactly three: filesystem type, source, super options.
     """
     # Fields are separated by single spaces; a space inside a field is escaped
     # as \\040, so " - " can only be the separator and an empty source shows
-    # as two spaces in a row.
-    left, sep, right = line.rstrip("\n").partition(" - ")
+    # as two spaces in a row. Other characters, \r included, are printed raw.
+    left, sep, right = line.removesuffix("\n").partition(" - ")
     fields = left.split(" ")
     fs = right.split(" ")
-    if not sep or len(fields) < 6 or len(fs) < 2:
+    if not sep or len(fields) < 6 or len(fs) != 3:
         raise ValueError(f"malformed mountinfo line: {line!r}")
     major_text, colon, minor_text = fields[2].partition(":")
     if not colon:
@@ -97,8 +98,22 @@ def parse_line(line: str) -> Mount:
         tuple(fields[6:]),
         unescape(fs[0]),
         unescape(fs[1]),
-        fs[2] if len(fs) > 2 else "",
+        fs[2],
     )
+
+
+def split_lines(text: str) -> list[str]:
+    """mountinfo lines: split at \\n only, the one line break the kernel escapes.
+
+    `str.splitlines()` also breaks at \\r, \\x0b, \\x0c, \\x1c-\\x1e, \\x85,
+    U+2028 and U+2029, which the kernel prints raw inside a path
+    (fs/proc_namespace.c `mangle`, `seq_path(..., " \\t\\n\\\\")`), so a mount
+    named with one would vanish from the table.
+    """
+    lines = text.split("\n")
+    if lines and not lines[-1]:
+        lines.pop()  # the text ends with a newline
+    return lines
 
 
 @dataclass(frozen=True)
@@ -121,10 +136,10 @@ class MountTable:
             known.clear()
         mounts: list[Mount] = []
         malformed: list[str] = []
-        for line in text.splitlines():
+        for line in split_lines(text):
             mount = earlier.get(line)
             if mount is None:
-                if not line.strip():
+                if not line:
                     continue
                 try:
                     mount = parse_line(line)
@@ -204,7 +219,9 @@ def read_mount_table(proc_root: Path | str = "/proc") -> MountTable:
     """Read `<proc_root>/self/mountinfo` (the mount namespace the agent acts in)."""
     path = Path(proc_root) / "self" / "mountinfo"
     try:
-        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+        # newline="": no universal newlines, which would turn a \r in a path into \n.
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+            text = f.read()
     except OSError as err:
         raise MountinfoError(err.errno, f"cannot read {path}: {err.strerror}") from err
     return _logged(MountTable.parse(text))

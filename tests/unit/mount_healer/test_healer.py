@@ -325,6 +325,37 @@ def test_a_severed_mount_is_unmounted_in_the_root(severed_a: Node, dead: int) ->
     ]
 
 
+def test_a_severed_mount_named_with_a_carriage_return_is_healed(node: Node) -> None:
+    # The kernel prints \r raw in mountinfo (it escapes only " \t\n\\"): the line
+    # must not be split there, or the mount vanishes and is never healed.
+    node.mountinfo.add(fuse(50, "/cvmfs/foo\rbar", "0:40"))
+    node.connection(40, ABORTED)
+    node.prober.answer("/cvmfs/foo\rbar", errno.ENOTCONN)
+
+    report = only(node.healer().sweep())
+
+    assert (report.mountpoint, report.verdict, report.action) == (
+        "/cvmfs/foo\rbar",
+        Verdict.SEVERED,
+        Action.UNMOUNTED,
+    )
+    assert node.umount2.calls == [("/cvmfs/foo\rbar", 0)]
+    assert node.sample("mountinfo_malformed_lines") == 0
+
+
+def test_malformed_mountinfo_lines_are_counted_and_the_rest_healed(severed_a: Node) -> None:
+    node = severed_a
+    # No super options: the line is reported (the table source logs it), not parsed
+    # into a mount with made-up fields.
+    node.mountinfo.add("52 42 0:42 / /cvmfs/c ro,relatime shared:21 - fuse.squashfuse squashfuse")
+
+    reports = by_id(node.healer().sweep())
+
+    assert sorted(reports) == [50, 51]
+    assert reports[50].action is Action.UNMOUNTED
+    assert node.sample("mountinfo_malformed_lines") == 1
+
+
 def test_a_healed_mount_is_gone_from_the_next_sweep(severed_a: Node) -> None:
     healer = severed_a.healer()
     healer.sweep()
