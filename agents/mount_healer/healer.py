@@ -262,6 +262,12 @@ class Healer:
             cand.details.append(watch.hung_detail)
             self._maybe_abort(cand, watch, now)
             return False
+        if self.config.once:
+            # One sweep has no waiting history to wait `hung_after` for: probe
+            # now (bounded by the probe timeout) so that the verdict is true. A
+            # busy but live daemon answers the probe and stays healthy.
+            cand.details.append(f"{conn.waiting} request(s) unanswered")
+            return True
         if now - watch.waiting_since >= self.config.hung_after:
             cand.details.append(
                 f"{conn.waiting} request(s) unanswered for {now - watch.waiting_since:.1f}s"

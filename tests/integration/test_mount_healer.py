@@ -169,6 +169,27 @@ def test_hung_daemon_is_reported_and_left_alone(
     consumer.wait(5)
 
 
+@pytest.mark.parametrize("dry_run", [False, True], ids=["once", "once-dry-run"])
+def test_once_says_hung_without_waiting_hung_after(
+    world: AutofsWorld, holder: list[subprocess.Popen[bytes]], dry_run: bool
+) -> None:
+    """Issue 9, point 1: one sweep has no history of waiting requests; it probes them."""
+    holder.append(consumer := blocked_consumer(world, "repo1"))
+    before = world.mount("repo1")
+    argv = ["--root", str(world.root), "--probe-timeout", "1"]  # --hung-after: default 6 s
+    code, rows, took = once(*argv, *(["--dry-run"] if dry_run else []))
+    assert code == 0
+    # The answer costs one probe timeout, not --hung-after.
+    assert took < 6.0, f"--once took {took:.2f}s"
+    row = row_for(rows, world.path("repo1"))
+    assert row[1:3] == ["hung", "none"]
+    assert "request(s) unanswered" in row[3] and "state T" in row[3]
+    assert world.mount("repo1") == before
+    assert consumer.poll() is None
+    world.daemon("repo1").resume()
+    consumer.wait(5)
+
+
 def test_hung_daemon_is_aborted_and_healed_when_enabled(
     world: AutofsWorld, holder: list[subprocess.Popen[bytes]]
 ) -> None:

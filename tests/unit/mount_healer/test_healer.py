@@ -499,6 +499,30 @@ def test_waiting_requests_are_probed_only_after_hung_after(busy_a: Node) -> None
     assert "3 request(s) unanswered for 6.0s" in third.detail
 
 
+@pytest.mark.parametrize("dry_run", [False, True], ids=["once", "once-dry-run"])
+def test_once_probes_waiting_requests_at_once(busy_a: Node, dry_run: bool) -> None:
+    # One sweep has no waiting history: without the probe it would say healthy.
+    node = busy_a
+
+    report = only(node.healer(once=True, dry_run=dry_run, hung_after=6.0).sweep())
+
+    assert node.prober.probed == ["/cvmfs/a"]
+    assert (report.verdict, report.action) == (Verdict.HUNG, Action.NONE)
+    assert "3 request(s) unanswered" in report.detail
+    assert "squashfuse[1234] state T" in report.detail
+    assert node.umount2.calls == []
+
+
+def test_once_with_no_waiting_request_probes_nothing(node: Node) -> None:
+    node.mountinfo.add(fuse(50, "/cvmfs/a", "0:40"))
+    node.connection(40)
+
+    report = only(node.healer(once=True).sweep())
+
+    assert report.verdict is Verdict.HEALTHY
+    assert node.prober.probed == []
+
+
 def test_a_probe_without_answer_is_hung_and_not_probed_again(busy_a: Node) -> None:
     node = busy_a
     healer = node.healer(hung_after=0.0, probe_timeout=2.0)
