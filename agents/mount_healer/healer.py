@@ -33,7 +33,14 @@ from agents.mount_healer.fusectl import (
 from agents.mount_healer.metrics import HealerMetrics
 from agents.mount_healer.mountinfo import Mount, MountTable
 from agents.mount_healer.probe import Prober, ProbeResult
-from agents.mount_healer.unmount import MNT_DETACH, Umount2
+from agents.mount_healer.unmount import (
+    MNT_DETACH,
+    Pin,
+    PinError,
+    PinnedMount,
+    Umount2,
+    pin_mount,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +135,7 @@ class Healer:
         prober: Prober,
         umount2: Umount2,
         metrics: HealerMetrics,
+        pin: Pin = pin_mount,
         notify: Notify | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -137,6 +145,7 @@ class Healer:
         self._fusectl = fusectl
         self._prober = prober
         self._umount2 = umount2
+        self._pin = pin
         self._metrics = metrics
         self._notify = notify
         self._clock = clock
@@ -355,70 +364,126 @@ class Healer:
     def _heal(self, severed: list[_Candidate]) -> None:
         """Unmount severed mounts in the root, innermost and topmost first.
 
-        Before each unmount mountinfo is read again and the mount must still be
-        the one a path walk reaches at that point (same mount ID and device):
-        never unmount on stale data.
+        Each mount is pinned (a descriptor of its mount point), then mountinfo
+        is read again: the pinned mount, the one a walk reaches at that point,
+        must be the probed one (same mount ID and device) and still be the top
+        there; only then is it unmounted, through the pin. Never unmount on
+        stale data, and never a mount that replaced the probed one.
         """
         pending = sorted(
             severed, key=lambda c: (c.mount.mountpoint.count("/"), c.mount.mount_id), reverse=True
         )
         # A dry run unmounts nothing; it takes what it would unmount out of its
         # view, so that it reports what a real run would do with stacked mounts.
-        would_unmount: set[int] = set()
+        would_unmount: dict[int, Mount] = {}
         while pending:
-            table = self._read_table()
-            if would_unmount:
-                table = MountTable(
-                    tuple(m for m in table.mounts if m.mount_id not in would_unmount)
-                )
-            progress = False
-            for cand in list(pending):
-                top = table.top_at(cand.mount.mountpoint)
-                if (
-                    top is None
-                    or top.mount_id != cand.mount.mount_id
-                    or top.device != cand.mount.device
-                ):
-                    continue
-                pending.remove(cand)
-                self._unmount(cand)
-                if self.config.dry_run:
-                    would_unmount.add(cand.mount.mount_id)
-                progress = True
+            table = self._view(self._read_table(), would_unmount)
+            # The table says which one is on top now: only that one is pinned,
+            # so that the walk of the pin never reaches a mount not yet judged.
+            cand = next((c for c in pending if _is_top(table, c.mount)), None)
+            if cand is None:
                 break
-            if not progress:
-                break
+            pending.remove(cand)
+            covered = any(m.mountpoint == cand.mount.mountpoint for m in would_unmount.values())
+            if covered:
+                # Dry run: a walk would reach the mount stacked on it, which a
+                # real run unmounts first; the table is all that can be checked.
+                self._unmount(cand, None)
+            else:
+                self._pin_and_unmount(cand, would_unmount)
+            if self.config.dry_run and cand.action is Action.WOULD_UNMOUNT:
+                would_unmount[cand.mount.mount_id] = cand.mount
         for cand in pending:
             cand.details.append("mount changed or is covered by another mount; left alone")
 
-    def _unmount(self, cand: _Candidate) -> None:
+    @staticmethod
+    def _view(table: MountTable, would_unmount: dict[int, Mount]) -> MountTable:
+        if not would_unmount:
+            return table
+        return MountTable(tuple(m for m in table.mounts if m.mount_id not in would_unmount))
+
+    def _pin_and_unmount(self, cand: _Candidate, would_unmount: dict[int, Mount]) -> None:
         path = cand.mount.mountpoint
-        aborted = cand.action is Action.ABORTED
+        try:
+            with self._pin(path) as pinned:
+                # Read after the pin: from here on the pinned mount's ID and
+                # device cannot be reused by another mount (the pin holds it).
+                fresh = self._view(self._read_table(), would_unmount)
+                if (
+                    pinned.mount_id != cand.mount.mount_id
+                    or pinned.device != cand.mount.device
+                    or not _is_top(fresh, cand.mount)
+                ):
+                    cand.details.append(
+                        "mount changed before the unmount (a walk reaches mount "
+                        f"{pinned.mount_id}, device {pinned.device}); left alone"
+                    )
+                    return
+                self._unmount(cand, pinned)
+        except PinError as err:
+            self._failed(cand, err, "pin")
+            return
+        if cand.action is Action.UNMOUNTED and not self._freed(cand):
+            # The pin is gone: if the connection lives on, a process still
+            # holds a file on the detached mount; it is freed when that closes.
+            cand.action = Action.DETACHED
+        if cand.action in (Action.UNMOUNTED, Action.DETACHED):
+            self._healed(cand)
+
+    def _unmount(self, cand: _Candidate, pinned: PinnedMount | None) -> None:
+        path = cand.mount.mountpoint
         if self.config.dry_run:
             cand.action = Action.WOULD_UNMOUNT
             self._metrics.dry_run_heals.inc()
             log.warning("dry run: would unmount severed %s", path)
             return
+        assert pinned is not None  # only a dry run gets here without a pin
         try:
-            try:
-                self._umount2(path, 0)
-                cand.action, method = Action.UNMOUNTED, "umount"
-            except OSError as err:
-                if err.errno != errno.EBUSY:
-                    raise
-                # A process still holds a file on the dead mount.
-                self._umount2(path, MNT_DETACH)
-                cand.action, method = Action.DETACHED, "detach"
+            # MNT_DETACH: a plain umount2 fails with EBUSY while the pin holds
+            # the mount (fs/namespace.c propagate_mount_busy); see unmount.py.
+            self._umount2(pinned.path, MNT_DETACH)
         except OSError as err:
-            reason = errno.errorcode.get(err.errno or 0, "unknown")
-            cand.action = Action.FAILED
-            cand.details.append(f"umount: {reason}")
-            self._metrics.heal_failures.labels(reason).inc()
-            log.error("cannot unmount severed %s: %s", path, err)
-            self._event("Warning", "FuseMountHealFailed", f"cannot unmount {path}: {err}")
+            if err.errno == errno.EINVAL and pinned.mount_id not in self._read_table().by_id:
+                # No longer attached: expired or unmounted by someone else
+                # after the re-check. Whatever is mounted there now is new.
+                cand.details.append("unmounted by someone else before the unmount; left alone")
+                log.info("%s went away before the unmount", path)
+                return
+            self._failed(cand, err, "umount")
             return
+        cand.action = Action.UNMOUNTED
+
+    def _freed(self, cand: _Candidate) -> bool:
+        """After the pin closed: True if the dead connection is gone (nothing held the mount).
+
+        The kernel frees the superblock, and fusectl removes the connection's
+        directory, with the mount's last reference (fs/fuse/inode.c
+        `fuse_conn_destroy`). A connection of that number that is not aborted
+        is a new mount reusing it. Without fusectl nothing can be told: the
+        mount left the tree, which is reported as unmounted.
+        """
+        if not self.fusectl_ok:
+            return True
+        try:
+            conn = self._fusectl.read(cand.conn_id)
+        except FusectlError:
+            return False
+        return conn is None or not conn.aborted
+
+    def _failed(self, cand: _Candidate, err: OSError, step: str) -> None:
+        path = cand.mount.mountpoint
+        reason = errno.errorcode.get(err.errno or 0, "unknown")
+        cand.action = Action.FAILED
+        cand.details.append(f"{step}: {reason}")
+        self._metrics.heal_failures.labels(reason).inc()
+        log.error("cannot unmount severed %s: %s", path, err)
+        self._event("Warning", "FuseMountHealFailed", f"cannot unmount {path}: {err}")
+
+    def _healed(self, cand: _Candidate) -> None:
+        path = cand.mount.mountpoint
+        method = "umount" if cand.action is Action.UNMOUNTED else "detach"
         self._metrics.heals.labels(method).inc()
-        if aborted:
+        if any(d.startswith("aborted connection") for d in cand.details):
             cand.details.append("aborted then healed")
         times = self._count_heal(cand)
         again = f"; healed {times} times in the last hour" if times > 1 else ""
@@ -460,3 +525,9 @@ class Healer:
         if key not in self._warned:
             self._warned.add(key)
             log.warning(msg, *args)
+
+
+def _is_top(table: MountTable, mount: Mount) -> bool:
+    """`mount` is still the one a walk to its mount point reaches (same ID and device)."""
+    top = table.top_at(mount.mountpoint)
+    return top is not None and top.mount_id == mount.mount_id and top.device == mount.device
