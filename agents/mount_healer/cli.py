@@ -200,7 +200,9 @@ def main(
             mount_table.close()
         for report in reports:
             print(report.line(), file=out)
-        if not reports:
+        if healer.slave_copies:
+            print(healer.only_slaves_message(), file=out)
+        elif not reports:
             print(
                 f"no FUSE mounts under {', '.join(healer.last_roots) or 'any autofs root'}",
                 file=out,

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 Notify = Callable[[str, str, str], None]
 """(type, reason, message) -> posts a Kubernetes Event; no-op in local mode."""
 
+MOUNT_PROPAGATION = "mount_propagation"
+"""Skip reason: the mount is in a slave copy whose master is not visible here."""
+
 REPEAT_WINDOW = 3600.0
 """Seconds over which heals of one mount point are counted (`recent_heals`)."""
 
@@ -79,6 +82,8 @@ class MountReport:
     verdict: Verdict
     action: Action = Action.NONE
     detail: str = ""
+    skip_reason: str = ""
+    """Why a `skipped` mount cannot be acted on, as a metric label; empty otherwise."""
 
     def line(self) -> str:
         """The `--once` output line: path, verdict, action, detail."""
@@ -109,6 +114,7 @@ class _Candidate:
     verdict: Verdict = Verdict.HEALTHY
     action: Action = Action.NONE
     details: list[str] = field(default_factory=list)
+    skip_reason: str = ""
 
     def report(self) -> MountReport:
         return MountReport(
@@ -120,6 +126,7 @@ class _Candidate:
             verdict=self.verdict,
             action=self.action,
             detail="; ".join(self.details),
+            skip_reason=self.skip_reason,
         )
 
 
@@ -156,7 +163,9 @@ class Healer:
         self.last_roots: tuple[str, ...] = ()
         self.fusectl_ok = False
         self._fd_scan: FuseFdScan | None = None
-        self._layout: list[tuple[Mount, Mount, int]] = []
+        self._layout: list[tuple[Mount, Mount, int, str]] = []
+        self.slave_copies: tuple[str, ...] = ()
+        """autofs slave copies found when no root was: the manifest's propagation is wrong."""
         self._layout_of: MountTable | None = None
         # (root, mount point) -> monotonic times of its heals within REPEAT_WINDOW.
         # A mount point healed again and again is a FUSE daemon that dies after
@@ -178,7 +187,9 @@ class Healer:
         now = self._clock()
         to_probe: list[_Candidate] = []
         for cand in candidates:
-            if self._assess(cand, now):
+            # Mounts in a slave copy that cannot be healed are not even read:
+            # nothing would be done about them.
+            if not cand.skip_reason and self._assess(cand, now):
                 to_probe.append(cand)
         if to_probe:
             self._confirm(to_probe, now)
@@ -200,30 +211,74 @@ class Healer:
             self._layout = self._select(table)
             self._layout_of = table
             self._metrics.mountinfo_malformed_lines.set(len(table.malformed))
-        return [_Candidate(root, mount, conn) for root, mount, conn in self._layout]
+        return [
+            _Candidate(root, mount, conn)
+            if not note
+            else _Candidate(
+                root, mount, conn, Verdict.SKIPPED, details=[note], skip_reason=MOUNT_PROPAGATION
+            )
+            for root, mount, conn, note in self._layout
+        ]
 
-    def _select(self, table: MountTable) -> list[tuple[Mount, Mount, int]]:
-        """(root, FUSE mount, connection) for every FUSE mount under the roots."""
+    def _select(self, table: MountTable) -> list[tuple[Mount, Mount, int, str]]:
+        """(root, FUSE mount, connection, skip note) for every FUSE mount under the roots.
+
+        A root that is a slave copy (`master:N`) never has its mounts unmounted
+        in it: an unmount there does not propagate to the real root, which stays
+        severed while the copy caches ENOENT. Its mounts are healed in the
+        master (`shared:N`) when that is visible here, else skipped with a note.
+        """
         roots, missing = table.autofs_roots(self.config.roots)
         for path in missing:
             self._warn_once(f"missing:{path}", "root %s is not an autofs mount; skipped", path)
-        for root in roots:
-            if root.is_slave:
-                self._warn_once(
-                    f"slave:{root.mountpoint}",
-                    "root %s is a slave copy: an unmount here does not reach the real autofs "
-                    "root (mount it with Bidirectional propagation)",
-                    root.mountpoint,
-                )
-        self.last_roots = tuple(r.mountpoint for r in roots)
+        self.slave_copies = ()
+        if not roots and not self.config.roots:
+            self.slave_copies = tuple(m.mountpoint for m in table.mounts if m.is_autofs)
+            if self.slave_copies:
+                self._warn_once("only-slaves", "%s", self.only_slaves_message())
+        resolved: list[Mount] = []
         seen: set[int] = set()
         layout = []
         for root in roots:
-            for mount in table.fuse_under(root):
-                if mount.mount_id not in seen:
-                    seen.add(mount.mount_id)
-                    layout.append((root, mount, connection_id(mount.major, mount.minor)))
+            master = table.master_of(root) if root.is_slave else None
+            if root.is_slave:
+                self._warn_once(
+                    f"slave:{root.mountpoint}",
+                    "root %s is a slave copy (%s): %s",
+                    root.mountpoint,
+                    f"master:{root.master_group}",
+                    f"healing in its master {master.mountpoint}"
+                    if master is not None
+                    else "its master is not visible here, nothing is unmounted; " + PROPAGATION_FIX,
+                )
+            home = master or root
+            if home not in resolved:
+                resolved.append(home)
+            for seen_here in table.fuse_under(root):
+                mount, note = seen_here, ""
+                if root.is_slave:
+                    twin = table.twin_in(master, root, seen_here) if master is not None else None
+                    if twin is None:
+                        note = _slave_note(root, master)
+                    else:
+                        mount = twin
+                if mount.mount_id in seen:
+                    continue
+                seen.add(mount.mount_id)
+                layout.append(
+                    (root if note else home, mount, connection_id(mount.major, mount.minor), note)
+                )
+        self.last_roots = tuple(r.mountpoint for r in resolved)
         return layout
+
+    def only_slaves_message(self) -> str:
+        """What to tell an operator when the only autofs mounts here are slave copies."""
+        return (
+            "only slave copies of autofs roots are mounted here ("
+            + ", ".join(self.slave_copies)
+            + "): an unmount in them would not reach the real roots, so nothing is healed; "
+            + PROPAGATION_FIX
+        )
 
     def _check_fusectl(self) -> None:
         try:
@@ -531,3 +586,21 @@ def _is_top(table: MountTable, mount: Mount) -> bool:
     """`mount` is still the one a walk to its mount point reaches (same ID and device)."""
     top = table.top_at(mount.mountpoint)
     return top is not None and top.mount_id == mount.mount_id and top.device == mount.device
+
+
+PROPAGATION_FIX = (
+    "mount the autofs root into the healer with mountPropagation: Bidirectional "
+    "(rshared), not HostToContainer (rslave)"
+)
+
+
+def _slave_note(copy: Mount, master: Mount | None) -> str:
+    if master is None:
+        return (
+            f"in slave copy {copy.mountpoint} (master:{copy.master_group} not visible here): "
+            "not unmounted, an unmount here would not reach the real root (mount propagation)"
+        )
+    return (
+        f"in slave copy {copy.mountpoint} but not in its master {master.mountpoint}: "
+        "not unmounted (mount propagation)"
+    )

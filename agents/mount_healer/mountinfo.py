@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import posixpath
 import re
 import select
 import time
@@ -66,6 +67,23 @@ class Mount(NamedTuple):
     def is_slave(self) -> bool:
         """A `master:N` propagation tag: a one-way copy of another mount."""
         return any(tag.startswith("master:") for tag in self.optional)
+
+    def _tag(self, name: str) -> int | None:
+        for tag in self.optional:
+            key, _, value = tag.partition(":")
+            if key == name and value.isdigit():
+                return int(value)
+        return None
+
+    @property
+    def peer_group(self) -> int | None:
+        """N of `shared:N`: mounts and unmounts here propagate to the peers and slaves."""
+        return self._tag("shared")
+
+    @property
+    def master_group(self) -> int | None:
+        """N of `master:N`: this mount receives from peer group N and sends nothing back."""
+        return self._tag("master")
 
 
 def parse_line(line: str) -> Mount:
@@ -194,6 +212,34 @@ class MountTable:
             seen.add(m.device)
             roots.append(m)
         return roots, []
+
+    def master_of(self, copy: Mount) -> Mount | None:
+        """The mount a slave copy receives from, if visible here: `shared:N` = its `master:N`.
+
+        Same superblock (device) too; of several peers, the first in mount order
+        (an unmount in one propagates to every peer).
+        """
+        group = copy.master_group
+        if group is None:
+            return None
+        return next(
+            (m for m in self.mounts if m.peer_group == group and m.device == copy.device), None
+        )
+
+    def twin_in(self, master: Mount, copy: Mount, mount: Mount) -> Mount | None:
+        """The mount under `master` that `mount` (under its slave `copy`) is a copy of.
+
+        At the same path relative to the two roots (their `root` fields taken
+        into account) and with the same device, so the same FUSE connection.
+        """
+        if not mount.mountpoint.startswith(copy.mountpoint.rstrip("/") + "/"):
+            return None
+        inside = posixpath.join(copy.root, mount.mountpoint[len(copy.mountpoint) :].lstrip("/"))
+        if inside != master.root and not inside.startswith(master.root.rstrip("/") + "/"):
+            return None  # the copy shows a part of the filesystem the master does not
+        path = posixpath.join(master.mountpoint, inside[len(master.root) :].lstrip("/"))
+        here = [m for m in self.fuse_under(master) if m.mountpoint == path]
+        return next((m for m in reversed(here) if m.device == mount.device), None)
 
     def fuse_under(self, root: Mount) -> list[Mount]:
         """FUSE mounts whose chain of parents reaches `root` (stacked ones included)."""

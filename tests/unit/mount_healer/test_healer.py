@@ -1142,3 +1142,65 @@ def test_one_unreadable_connection_does_not_stop_the_sweep(severed_a: Node) -> N
     assert node.umount2.calls == [("/cvmfs/a", MNT_DETACH)]
     assert reports[50].action is Action.UNMOUNTED
     assert reports[52].verdict is Verdict.SKIPPED
+
+
+# -- slave copies (issue 9, point 2) ----------------------------------------------------
+
+COPY = "/var/lib/kubelet/pods/p1/volumes/cvmfs"
+
+
+def copy_of_a(node: Node) -> None:
+    """A consumer's `--rbind --make-rslave` copy of /cvmfs with its copy of severed /cvmfs/a."""
+    node.mountinfo.add(SLAVE_COPY)
+    node.mountinfo.add(fuse(61, f"{COPY}/a", "0:40", parent=60, propagation="master:21"))
+
+
+def test_a_slave_copy_root_is_healed_in_its_master(severed_a: Node) -> None:
+    node = severed_a
+    copy_of_a(node)
+    node.prober.answer(f"{COPY}/a", errno.ENOTCONN)
+
+    reports = by_id(node.healer(roots=(COPY,)).sweep())
+
+    # The unmount must happen in the master: one in the copy would not propagate
+    # back, the root would stay severed and the copy cache ENOENT.
+    assert node.umount2.unmounted == [50]
+    assert 61 not in reports
+    assert (reports[50].root, reports[50].verdict, reports[50].action) == (
+        "/cvmfs",
+        Verdict.SEVERED,
+        Action.UNMOUNTED,
+    )
+
+
+def test_a_slave_copy_whose_master_is_not_visible_is_skipped_and_counted(node: Node) -> None:
+    node.mountinfo.remove(42)  # a container that sees only its rslave copy
+    copy_of_a(node)
+    node.connection(40, ABORTED)
+    registry = node.registry
+    healer = node.healer(roots=(COPY,))
+    registry.register(
+        SweepStateCollector(lambda: healer.last_reports, lambda: healer.last_roots, dict)
+    )
+
+    report = only(healer.sweep())
+
+    assert (report.mountpoint, report.verdict, report.action) == (
+        f"{COPY}/a",
+        Verdict.SKIPPED,
+        Action.NONE,
+    )
+    assert "mount propagation" in report.detail
+    assert node.prober.probed == [] and node.pins.pinned == [] and node.umount2.calls == []
+    assert node.sample("mounts_not_healable", root=COPY, reason="mount_propagation") == 1
+
+
+def test_only_slave_copies_say_how_to_fix_the_manifest(node: Node) -> None:
+    node.mountinfo.remove(42)
+    copy_of_a(node)
+    healer = node.healer()
+
+    assert healer.sweep() == []
+    assert healer.slave_copies == (COPY,)
+    message = healer.only_slaves_message()
+    assert COPY in message and "Bidirectional" in message and "rshared" in message
