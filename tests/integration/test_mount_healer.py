@@ -183,7 +183,8 @@ def test_once_says_hung_without_waiting_hung_after(
     assert took < 6.0, f"--once took {took:.2f}s"
     row = row_for(rows, world.path("repo1"))
     assert row[1:3] == ["hung", "none"]
-    assert "request(s) unanswered" in row[3] and "state T" in row[3]
+    # (Its daemon is named only where fdinfo shows `fuse_connection:`, newer kernels.)
+    assert "request(s) unanswered" in row[3]
     assert world.mount("repo1") == before
     assert consumer.poll() is None
     world.daemon("repo1").resume()
