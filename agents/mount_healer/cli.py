@@ -41,7 +41,7 @@ from agents.mount_healer.metrics import PREFIX, HealerMetrics, SweepStateCollect
 from agents.mount_healer.mountinfo import MountinfoError, MountinfoSource
 from agents.mount_healer.probe import Prober
 from agents.mount_healer.procevents import ExitWatcher
-from agents.mount_healer.unmount import umount2
+from agents.mount_healer.unmount import pin_mount, umount2
 
 PROG = "automount-healer"
 log = logging.getLogger("agents.mount_healer")
@@ -179,6 +179,7 @@ def main(
         fusectl=Fusectl(config.fusectl_root),
         prober=prober,
         umount2=umount2,
+        pin=pin_mount,
         metrics=metrics,
         notify=notify,
     )
@@ -199,7 +200,9 @@ def main(
             mount_table.close()
         for report in reports:
             print(report.line(), file=out)
-        if not reports:
+        if healer.slave_copies:
+            print(healer.only_slaves_message(), file=out)
+        elif not reports:
             print(
                 f"no FUSE mounts under {', '.join(healer.last_roots) or 'any autofs root'}",
                 file=out,

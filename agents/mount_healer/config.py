@@ -35,7 +35,8 @@ class HealerConfig:
     hung_after: float = 6.0
     """Seconds a connection must keep unanswered requests (fusectl `waiting` >
     0) before it is probed as possibly hung. Busy but live daemons have waiting
-    requests for a moment all the time; three sweeps is a sign."""
+    requests for a moment all the time; three sweeps is a sign. `--once` has
+    no history to wait for: it probes every connection with waiting requests."""
 
     abort_hung_after: float | None = None
     """Off by default. When set, a connection hung this many seconds is

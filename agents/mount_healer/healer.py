@@ -33,12 +33,22 @@ from agents.mount_healer.fusectl import (
 from agents.mount_healer.metrics import HealerMetrics
 from agents.mount_healer.mountinfo import Mount, MountTable
 from agents.mount_healer.probe import Prober, ProbeResult
-from agents.mount_healer.unmount import MNT_DETACH, Umount2
+from agents.mount_healer.unmount import (
+    MNT_DETACH,
+    Pin,
+    PinError,
+    PinnedMount,
+    Umount2,
+    pin_mount,
+)
 
 log = logging.getLogger(__name__)
 
 Notify = Callable[[str, str, str], None]
 """(type, reason, message) -> posts a Kubernetes Event; no-op in local mode."""
+
+MOUNT_PROPAGATION = "mount_propagation"
+"""Skip reason: the mount is in a slave copy whose master is not visible here."""
 
 REPEAT_WINDOW = 3600.0
 """Seconds over which heals of one mount point are counted (`recent_heals`)."""
@@ -72,6 +82,8 @@ class MountReport:
     verdict: Verdict
     action: Action = Action.NONE
     detail: str = ""
+    skip_reason: str = ""
+    """Why a `skipped` mount cannot be acted on, as a metric label; empty otherwise."""
 
     def line(self) -> str:
         """The `--once` output line: path, verdict, action, detail."""
@@ -102,6 +114,7 @@ class _Candidate:
     verdict: Verdict = Verdict.HEALTHY
     action: Action = Action.NONE
     details: list[str] = field(default_factory=list)
+    skip_reason: str = ""
 
     def report(self) -> MountReport:
         return MountReport(
@@ -113,6 +126,7 @@ class _Candidate:
             verdict=self.verdict,
             action=self.action,
             detail="; ".join(self.details),
+            skip_reason=self.skip_reason,
         )
 
 
@@ -128,6 +142,7 @@ class Healer:
         prober: Prober,
         umount2: Umount2,
         metrics: HealerMetrics,
+        pin: Pin = pin_mount,
         notify: Notify | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -137,6 +152,7 @@ class Healer:
         self._fusectl = fusectl
         self._prober = prober
         self._umount2 = umount2
+        self._pin = pin
         self._metrics = metrics
         self._notify = notify
         self._clock = clock
@@ -147,7 +163,9 @@ class Healer:
         self.last_roots: tuple[str, ...] = ()
         self.fusectl_ok = False
         self._fd_scan: FuseFdScan | None = None
-        self._layout: list[tuple[Mount, Mount, int]] = []
+        self._layout: list[tuple[Mount, Mount, int, str]] = []
+        self.slave_copies: tuple[str, ...] = ()
+        """autofs slave copies found when no root was: the manifest's propagation is wrong."""
         self._layout_of: MountTable | None = None
         # (root, mount point) -> monotonic times of its heals within REPEAT_WINDOW.
         # A mount point healed again and again is a FUSE daemon that dies after
@@ -169,7 +187,9 @@ class Healer:
         now = self._clock()
         to_probe: list[_Candidate] = []
         for cand in candidates:
-            if self._assess(cand, now):
+            # Mounts in a slave copy that cannot be healed are not even read:
+            # nothing would be done about them.
+            if not cand.skip_reason and self._assess(cand, now):
                 to_probe.append(cand)
         if to_probe:
             self._confirm(to_probe, now)
@@ -190,30 +210,75 @@ class Healer:
             # reports no mount change: the selection is still valid.
             self._layout = self._select(table)
             self._layout_of = table
-        return [_Candidate(root, mount, conn) for root, mount, conn in self._layout]
+            self._metrics.mountinfo_malformed_lines.set(len(table.malformed))
+        return [
+            _Candidate(root, mount, conn)
+            if not note
+            else _Candidate(
+                root, mount, conn, Verdict.SKIPPED, details=[note], skip_reason=MOUNT_PROPAGATION
+            )
+            for root, mount, conn, note in self._layout
+        ]
 
-    def _select(self, table: MountTable) -> list[tuple[Mount, Mount, int]]:
-        """(root, FUSE mount, connection) for every FUSE mount under the roots."""
+    def _select(self, table: MountTable) -> list[tuple[Mount, Mount, int, str]]:
+        """(root, FUSE mount, connection, skip note) for every FUSE mount under the roots.
+
+        A root that is a slave copy (`master:N`) never has its mounts unmounted
+        in it: an unmount there does not propagate to the real root, which stays
+        severed while the copy caches ENOENT. Its mounts are healed in the
+        master (`shared:N`) when that is visible here, else skipped with a note.
+        """
         roots, missing = table.autofs_roots(self.config.roots)
         for path in missing:
             self._warn_once(f"missing:{path}", "root %s is not an autofs mount; skipped", path)
-        for root in roots:
-            if root.is_slave:
-                self._warn_once(
-                    f"slave:{root.mountpoint}",
-                    "root %s is a slave copy: an unmount here does not reach the real autofs "
-                    "root (mount it with Bidirectional propagation)",
-                    root.mountpoint,
-                )
-        self.last_roots = tuple(r.mountpoint for r in roots)
+        self.slave_copies = ()
+        if not roots and not self.config.roots:
+            self.slave_copies = tuple(m.mountpoint for m in table.mounts if m.is_autofs)
+            if self.slave_copies:
+                self._warn_once("only-slaves", "%s", self.only_slaves_message())
+        resolved: list[Mount] = []
         seen: set[int] = set()
         layout = []
         for root in roots:
-            for mount in table.fuse_under(root):
-                if mount.mount_id not in seen:
-                    seen.add(mount.mount_id)
-                    layout.append((root, mount, connection_id(mount.major, mount.minor)))
+            master = table.master_of(root) if root.is_slave else None
+            if root.is_slave:
+                self._warn_once(
+                    f"slave:{root.mountpoint}",
+                    "root %s is a slave copy (%s): %s",
+                    root.mountpoint,
+                    f"master:{root.master_group}",
+                    f"healing in its master {master.mountpoint}"
+                    if master is not None
+                    else "its master is not visible here, nothing is unmounted; " + PROPAGATION_FIX,
+                )
+            home = master or root
+            if home not in resolved:
+                resolved.append(home)
+            for seen_here in table.fuse_under(root):
+                mount, note = seen_here, ""
+                if root.is_slave:
+                    twin = table.twin_in(master, root, seen_here) if master is not None else None
+                    if twin is None:
+                        note = _slave_note(root, master)
+                    else:
+                        mount = twin
+                if mount.mount_id in seen:
+                    continue
+                seen.add(mount.mount_id)
+                layout.append(
+                    (root if note else home, mount, connection_id(mount.major, mount.minor), note)
+                )
+        self.last_roots = tuple(r.mountpoint for r in resolved)
         return layout
+
+    def only_slaves_message(self) -> str:
+        """What to tell an operator when the only autofs mounts here are slave copies."""
+        return (
+            "only slave copies of autofs roots are mounted here ("
+            + ", ".join(self.slave_copies)
+            + "): an unmount in them would not reach the real roots, so nothing is healed; "
+            + PROPAGATION_FIX
+        )
 
     def _check_fusectl(self) -> None:
         try:
@@ -261,6 +326,12 @@ class Healer:
             cand.details.append(watch.hung_detail)
             self._maybe_abort(cand, watch, now)
             return False
+        if self.config.once:
+            # One sweep has no waiting history to wait `hung_after` for: probe
+            # now (bounded by the probe timeout) so that the verdict is true. A
+            # busy but live daemon answers the probe and stays healthy.
+            cand.details.append(f"{conn.waiting} request(s) unanswered")
+            return True
         if now - watch.waiting_since >= self.config.hung_after:
             cand.details.append(
                 f"{conn.waiting} request(s) unanswered for {now - watch.waiting_since:.1f}s"
@@ -348,70 +419,126 @@ class Healer:
     def _heal(self, severed: list[_Candidate]) -> None:
         """Unmount severed mounts in the root, innermost and topmost first.
 
-        Before each unmount mountinfo is read again and the mount must still be
-        the one a path walk reaches at that point (same mount ID and device):
-        never unmount on stale data.
+        Each mount is pinned (a descriptor of its mount point), then mountinfo
+        is read again: the pinned mount, the one a walk reaches at that point,
+        must be the probed one (same mount ID and device) and still be the top
+        there; only then is it unmounted, through the pin. Never unmount on
+        stale data, and never a mount that replaced the probed one.
         """
         pending = sorted(
             severed, key=lambda c: (c.mount.mountpoint.count("/"), c.mount.mount_id), reverse=True
         )
         # A dry run unmounts nothing; it takes what it would unmount out of its
         # view, so that it reports what a real run would do with stacked mounts.
-        would_unmount: set[int] = set()
+        would_unmount: dict[int, Mount] = {}
         while pending:
-            table = self._read_table()
-            if would_unmount:
-                table = MountTable(
-                    tuple(m for m in table.mounts if m.mount_id not in would_unmount)
-                )
-            progress = False
-            for cand in list(pending):
-                top = table.top_at(cand.mount.mountpoint)
-                if (
-                    top is None
-                    or top.mount_id != cand.mount.mount_id
-                    or top.device != cand.mount.device
-                ):
-                    continue
-                pending.remove(cand)
-                self._unmount(cand)
-                if self.config.dry_run:
-                    would_unmount.add(cand.mount.mount_id)
-                progress = True
+            table = self._view(self._read_table(), would_unmount)
+            # The table says which one is on top now: only that one is pinned,
+            # so that the walk of the pin never reaches a mount not yet judged.
+            cand = next((c for c in pending if _is_top(table, c.mount)), None)
+            if cand is None:
                 break
-            if not progress:
-                break
+            pending.remove(cand)
+            covered = any(m.mountpoint == cand.mount.mountpoint for m in would_unmount.values())
+            if covered:
+                # Dry run: a walk would reach the mount stacked on it, which a
+                # real run unmounts first; the table is all that can be checked.
+                self._unmount(cand, None)
+            else:
+                self._pin_and_unmount(cand, would_unmount)
+            if self.config.dry_run and cand.action is Action.WOULD_UNMOUNT:
+                would_unmount[cand.mount.mount_id] = cand.mount
         for cand in pending:
             cand.details.append("mount changed or is covered by another mount; left alone")
 
-    def _unmount(self, cand: _Candidate) -> None:
+    @staticmethod
+    def _view(table: MountTable, would_unmount: dict[int, Mount]) -> MountTable:
+        if not would_unmount:
+            return table
+        return MountTable(tuple(m for m in table.mounts if m.mount_id not in would_unmount))
+
+    def _pin_and_unmount(self, cand: _Candidate, would_unmount: dict[int, Mount]) -> None:
         path = cand.mount.mountpoint
-        aborted = cand.action is Action.ABORTED
+        try:
+            with self._pin(path) as pinned:
+                # Read after the pin: from here on the pinned mount's ID and
+                # device cannot be reused by another mount (the pin holds it).
+                fresh = self._view(self._read_table(), would_unmount)
+                if (
+                    pinned.mount_id != cand.mount.mount_id
+                    or pinned.device != cand.mount.device
+                    or not _is_top(fresh, cand.mount)
+                ):
+                    cand.details.append(
+                        "mount changed before the unmount (a walk reaches mount "
+                        f"{pinned.mount_id}, device {pinned.device}); left alone"
+                    )
+                    return
+                self._unmount(cand, pinned)
+        except PinError as err:
+            self._failed(cand, err, "pin")
+            return
+        if cand.action is Action.UNMOUNTED and not self._freed(cand):
+            # The pin is gone: if the connection lives on, a process still
+            # holds a file on the detached mount; it is freed when that closes.
+            cand.action = Action.DETACHED
+        if cand.action in (Action.UNMOUNTED, Action.DETACHED):
+            self._healed(cand)
+
+    def _unmount(self, cand: _Candidate, pinned: PinnedMount | None) -> None:
+        path = cand.mount.mountpoint
         if self.config.dry_run:
             cand.action = Action.WOULD_UNMOUNT
             self._metrics.dry_run_heals.inc()
             log.warning("dry run: would unmount severed %s", path)
             return
+        assert pinned is not None  # only a dry run gets here without a pin
         try:
-            try:
-                self._umount2(path, 0)
-                cand.action, method = Action.UNMOUNTED, "umount"
-            except OSError as err:
-                if err.errno != errno.EBUSY:
-                    raise
-                # A process still holds a file on the dead mount.
-                self._umount2(path, MNT_DETACH)
-                cand.action, method = Action.DETACHED, "detach"
+            # MNT_DETACH: a plain umount2 fails with EBUSY while the pin holds
+            # the mount (fs/namespace.c propagate_mount_busy); see unmount.py.
+            self._umount2(pinned.path, MNT_DETACH)
         except OSError as err:
-            reason = errno.errorcode.get(err.errno or 0, "unknown")
-            cand.action = Action.FAILED
-            cand.details.append(f"umount: {reason}")
-            self._metrics.heal_failures.labels(reason).inc()
-            log.error("cannot unmount severed %s: %s", path, err)
-            self._event("Warning", "FuseMountHealFailed", f"cannot unmount {path}: {err}")
+            if err.errno == errno.EINVAL and pinned.mount_id not in self._read_table().by_id:
+                # No longer attached: expired or unmounted by someone else
+                # after the re-check. Whatever is mounted there now is new.
+                cand.details.append("unmounted by someone else before the unmount; left alone")
+                log.info("%s went away before the unmount", path)
+                return
+            self._failed(cand, err, "umount")
             return
+        cand.action = Action.UNMOUNTED
+
+    def _freed(self, cand: _Candidate) -> bool:
+        """After the pin closed: True if the dead connection is gone (nothing held the mount).
+
+        The kernel frees the superblock, and fusectl removes the connection's
+        directory, with the mount's last reference (fs/fuse/inode.c
+        `fuse_conn_destroy`). A connection of that number that is not aborted
+        is a new mount reusing it. Without fusectl nothing can be told: the
+        mount left the tree, which is reported as unmounted.
+        """
+        if not self.fusectl_ok:
+            return True
+        try:
+            conn = self._fusectl.read(cand.conn_id)
+        except FusectlError:
+            return False
+        return conn is None or not conn.aborted
+
+    def _failed(self, cand: _Candidate, err: OSError, step: str) -> None:
+        path = cand.mount.mountpoint
+        reason = errno.errorcode.get(err.errno or 0, "unknown")
+        cand.action = Action.FAILED
+        cand.details.append(f"{step}: {reason}")
+        self._metrics.heal_failures.labels(reason).inc()
+        log.error("cannot unmount severed %s: %s", path, err)
+        self._event("Warning", "FuseMountHealFailed", f"cannot unmount {path}: {err}")
+
+    def _healed(self, cand: _Candidate) -> None:
+        path = cand.mount.mountpoint
+        method = "umount" if cand.action is Action.UNMOUNTED else "detach"
         self._metrics.heals.labels(method).inc()
-        if aborted:
+        if any(d.startswith("aborted connection") for d in cand.details):
             cand.details.append("aborted then healed")
         times = self._count_heal(cand)
         again = f"; healed {times} times in the last hour" if times > 1 else ""
@@ -453,3 +580,27 @@ class Healer:
         if key not in self._warned:
             self._warned.add(key)
             log.warning(msg, *args)
+
+
+def _is_top(table: MountTable, mount: Mount) -> bool:
+    """`mount` is still the one a walk to its mount point reaches (same ID and device)."""
+    top = table.top_at(mount.mountpoint)
+    return top is not None and top.mount_id == mount.mount_id and top.device == mount.device
+
+
+PROPAGATION_FIX = (
+    "mount the autofs root into the healer with mountPropagation: Bidirectional "
+    "(rshared), not HostToContainer (rslave)"
+)
+
+
+def _slave_note(copy: Mount, master: Mount | None) -> str:
+    if master is None:
+        return (
+            f"in slave copy {copy.mountpoint} (master:{copy.master_group} not visible here): "
+            "not unmounted, an unmount here would not reach the real root (mount propagation)"
+        )
+    return (
+        f"in slave copy {copy.mountpoint} but not in its master {master.mountpoint}: "
+        "not unmounted (mount propagation)"
+    )

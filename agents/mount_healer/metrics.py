@@ -70,6 +70,12 @@ class HealerMetrics:
             "Unix time the last sweep finished.",
             registry=registry,
         )
+        self.mountinfo_malformed_lines = Gauge(
+            f"{PREFIX}_mountinfo_malformed_lines",
+            "Lines of the last mountinfo read that did not parse: mounts the healer cannot "
+            "see (each is logged).",
+            registry=registry,
+        )
         self.event_driven = Gauge(
             f"{PREFIX}_event_driven",
             "1 when process exits wake a sweep (process-event connector), 0 when only the "
@@ -118,6 +124,20 @@ class SweepStateCollector(Collector):
         for (root, verdict), n in sorted(counts.items()):
             mounts.add_metric([root, verdict], n)
         yield mounts
+        skipped = GaugeMetricFamily(
+            f"{PREFIX}_mounts_not_healable",
+            "FUSE mounts in the last sweep the healer cannot act on, by root and reason "
+            "(mount_propagation: in a slave copy whose master is not visible here).",
+            labels=["root", "reason"],
+        )
+        reasons: dict[tuple[str, str], int] = {}
+        for report in self._last_reports():
+            if report.skip_reason:
+                why = (report.root, report.skip_reason)
+                reasons[why] = reasons.get(why, 0) + 1
+        for (root, reason), n in sorted(reasons.items()):
+            skipped.add_metric([root, reason], n)
+        yield skipped
         roots = GaugeMetricFamily(f"{PREFIX}_autofs_roots", "autofs roots the healer watches.")
         roots.add_metric([], len(self._roots()))
         yield roots

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import posixpath
 import re
 import select
 import time
@@ -67,20 +68,38 @@ class Mount(NamedTuple):
         """A `master:N` propagation tag: a one-way copy of another mount."""
         return any(tag.startswith("master:") for tag in self.optional)
 
+    def _tag(self, name: str) -> int | None:
+        for tag in self.optional:
+            key, _, value = tag.partition(":")
+            if key == name and value.isdigit():
+                return int(value)
+        return None
+
+    @property
+    def peer_group(self) -> int | None:
+        """N of `shared:N`: mounts and unmounts here propagate to the peers and slaves."""
+        return self._tag("shared")
+
+    @property
+    def master_group(self) -> int | None:
+        """N of `master:N`: this mount receives from peer group N and sends nothing back."""
+        return self._tag("master")
+
 
 def parse_line(line: str) -> Mount:
     """Parse one mountinfo line; ValueError if it is malformed.
 
     Optional fields (`shared:N`, `master:N`, `propagate_from:N`, `unbindable`,
     and any future ones) run up to the `-` separator, so there may be none.
+    After it come exactly three: filesystem type, source, super options.
     """
     # Fields are separated by single spaces; a space inside a field is escaped
     # as \\040, so " - " can only be the separator and an empty source shows
-    # as two spaces in a row.
-    left, sep, right = line.rstrip("\n").partition(" - ")
+    # as two spaces in a row. Other characters, \r included, are printed raw.
+    left, sep, right = line.removesuffix("\n").partition(" - ")
     fields = left.split(" ")
     fs = right.split(" ")
-    if not sep or len(fields) < 6 or len(fs) < 2:
+    if not sep or len(fields) < 6 or len(fs) != 3:
         raise ValueError(f"malformed mountinfo line: {line!r}")
     major_text, colon, minor_text = fields[2].partition(":")
     if not colon:
@@ -97,8 +116,22 @@ def parse_line(line: str) -> Mount:
         tuple(fields[6:]),
         unescape(fs[0]),
         unescape(fs[1]),
-        fs[2] if len(fs) > 2 else "",
+        fs[2],
     )
+
+
+def split_lines(text: str) -> list[str]:
+    """mountinfo lines: split at \\n only, the one line break the kernel escapes.
+
+    `str.splitlines()` also breaks at \\r, \\x0b, \\x0c, \\x1c-\\x1e, \\x85,
+    U+2028 and U+2029, which the kernel prints raw inside a path
+    (fs/proc_namespace.c `mangle`, `seq_path(..., " \\t\\n\\\\")`), so a mount
+    named with one would vanish from the table.
+    """
+    lines = text.split("\n")
+    if lines and not lines[-1]:
+        lines.pop()  # the text ends with a newline
+    return lines
 
 
 @dataclass(frozen=True)
@@ -121,10 +154,10 @@ class MountTable:
             known.clear()
         mounts: list[Mount] = []
         malformed: list[str] = []
-        for line in text.splitlines():
+        for line in split_lines(text):
             mount = earlier.get(line)
             if mount is None:
-                if not line.strip():
+                if not line:
                     continue
                 try:
                     mount = parse_line(line)
@@ -180,6 +213,34 @@ class MountTable:
             roots.append(m)
         return roots, []
 
+    def master_of(self, copy: Mount) -> Mount | None:
+        """The mount a slave copy receives from, if visible here: `shared:N` = its `master:N`.
+
+        Same superblock (device) too; of several peers, the first in mount order
+        (an unmount in one propagates to every peer).
+        """
+        group = copy.master_group
+        if group is None:
+            return None
+        return next(
+            (m for m in self.mounts if m.peer_group == group and m.device == copy.device), None
+        )
+
+    def twin_in(self, master: Mount, copy: Mount, mount: Mount) -> Mount | None:
+        """The mount under `master` that `mount` (under its slave `copy`) is a copy of.
+
+        At the same path relative to the two roots (their `root` fields taken
+        into account) and with the same device, so the same FUSE connection.
+        """
+        if not mount.mountpoint.startswith(copy.mountpoint.rstrip("/") + "/"):
+            return None
+        inside = posixpath.join(copy.root, mount.mountpoint[len(copy.mountpoint) :].lstrip("/"))
+        if inside != master.root and not inside.startswith(master.root.rstrip("/") + "/"):
+            return None  # the copy shows a part of the filesystem the master does not
+        path = posixpath.join(master.mountpoint, inside[len(master.root) :].lstrip("/"))
+        here = [m for m in self.fuse_under(master) if m.mountpoint == path]
+        return next((m for m in reversed(here) if m.device == mount.device), None)
+
     def fuse_under(self, root: Mount) -> list[Mount]:
         """FUSE mounts whose chain of parents reaches `root` (stacked ones included)."""
         by_id = self.by_id
@@ -204,7 +265,9 @@ def read_mount_table(proc_root: Path | str = "/proc") -> MountTable:
     """Read `<proc_root>/self/mountinfo` (the mount namespace the agent acts in)."""
     path = Path(proc_root) / "self" / "mountinfo"
     try:
-        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+        # newline="": no universal newlines, which would turn a \r in a path into \n.
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+            text = f.read()
     except OSError as err:
         raise MountinfoError(err.errno, f"cannot read {path}: {err.strerror}") from err
     return _logged(MountTable.parse(text))

@@ -176,6 +176,28 @@ def test_hung_daemon_is_reported_and_left_alone(
     consumer.wait(5)
 
 
+@pytest.mark.parametrize("dry_run", [False, True], ids=["once", "once-dry-run"])
+def test_once_says_hung_without_waiting_hung_after(
+    world: AutofsWorld, holder: list[subprocess.Popen[bytes]], dry_run: bool
+) -> None:
+    """Issue 9, point 1: one sweep has no history of waiting requests; it probes them."""
+    holder.append(consumer := blocked_consumer(world, "repo1"))
+    before = world.mount("repo1")
+    argv = ["--root", str(world.root), "--probe-timeout", "1"]  # --hung-after: default 6 s
+    code, rows, took = once(*argv, *(["--dry-run"] if dry_run else []))
+    assert code == 0
+    # The answer costs one probe timeout, not --hung-after.
+    assert took < 6.0, f"--once took {took:.2f}s"
+    row = row_for(rows, world.path("repo1"))
+    assert row[1:3] == ["hung", "none"]
+    # (Its daemon is named only where fdinfo shows `fuse_connection:`, newer kernels.)
+    assert "request(s) unanswered" in row[3]
+    assert world.mount("repo1") == before
+    assert consumer.poll() is None
+    world.daemon("repo1").resume()
+    consumer.wait(5)
+
+
 def test_hung_daemon_is_aborted_and_healed_when_enabled(
     world: AutofsWorld, holder: list[subprocess.Popen[bytes]]
 ) -> None:
@@ -272,6 +294,58 @@ def test_consumer_slave_copy_heals_with_the_root(world: AutofsWorld, workdir: Pa
         assert world.mount("repo1") is not None
     finally:
         subprocess.run(["umount", "-R", "-l", str(consumer)], check=False, capture_output=True)
+
+
+def test_root_given_as_a_slave_copy_heals_in_the_master(world: AutofsWorld, workdir: Path) -> None:
+    """Issue 9, point 2: `--root` on a consumer's rslave copy unmounts in the master."""
+    subprocess.run(["mount", "--make-shared", str(world.root)], check=True)
+    consumer = workdir / "consumer"
+    consumer.mkdir()
+    subprocess.run(
+        ["mount", "--rbind", "--make-rslave", str(world.root), str(consumer)], check=True
+    )
+    try:
+        assert sorted(os.listdir(consumer / "repo1")) == ["README"]
+        world.kill_daemon("repo1")
+        code, rows, _ = once("--root", str(consumer))
+        assert code == 0
+        assert row_for(rows, world.path("repo1"))[1:3] == ["severed", "unmounted"]
+        # The real root is healed (an unmount in the copy would leave it severed).
+        assert world.mount("repo1") is None
+        assert world.access("repo1") == ["README"]
+        assert sorted(os.listdir(consumer / "repo1")) == ["README"]
+    finally:
+        subprocess.run(["umount", "-R", "-l", str(consumer)], check=False, capture_output=True)
+
+
+def test_in_an_rslave_view_nothing_is_unmounted_and_the_fix_is_named(world: AutofsWorld) -> None:
+    """Issue 9, point 2: a container that got the root `rslave` (HostToContainer).
+
+    `unshare --propagation slave` makes every mount of a new namespace a slave of
+    the host's, whose peers are not visible there: the healer's view in such a pod.
+    """
+    subprocess.run(["mount", "--make-shared", str(world.root)], check=True)
+    world.access("repo1")
+    world.kill_daemon("repo1")
+    severed = world.mount("repo1")
+    healer = f"{sys.executable} -m agents.mount_healer --once --log-level error"
+    script = f"{healer}; echo ---; {healer} --root {world.root}"
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "slave", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    default, _, explicit = done.stdout.partition("---\n")
+    assert "only slave copies" in default and str(world.root) in default
+    assert "Bidirectional" in default
+    rows = [line.split("\t") for line in explicit.splitlines()]
+    row = row_for(rows, world.path("repo1"))
+    assert row[1:3] == ["skipped", "none"]
+    assert "mount propagation" in row[3]
+    # Still severed on the host: nothing was unmounted in the copy.
+    assert world.mount("repo1") == severed
 
 
 # -- bad arguments ----------------------------------------------------------------------

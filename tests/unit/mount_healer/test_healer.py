@@ -7,10 +7,12 @@ Mount IDs, devices and paths follow a node with CVMFS under the autofs root
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
-from collections.abc import Callable, Iterable
+import shutil
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +20,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from agents.mount_healer.config import HealerConfig
-from agents.mount_healer.fusectl import Fusectl, FusectlError
+from agents.mount_healer.fusectl import Fusectl, FusectlError, connection_id
 from agents.mount_healer.healer import Action, Healer, MountReport, Verdict
 from agents.mount_healer.metrics import HealerMetrics, SweepStateCollector
 from agents.mount_healer.mountinfo import MountTable
 from agents.mount_healer.probe import Prober, ProbeResult
-from agents.mount_healer.unmount import MNT_DETACH
+from agents.mount_healer.unmount import MNT_DETACH, PinError, PinnedMount
 
 WALL_CLOCK = 1_700_000_000.0
 ABORTED = 4294967295  # fuse_abort_conn(): max_background = UINT_MAX
@@ -58,50 +60,110 @@ def fuse(
 
 
 class Mountinfo:
-    """/proc/self/mountinfo: lines the test (and the fake umount2) change between reads."""
+    """/proc/self/mountinfo: lines the test (and the fake umount2) change between reads.
+
+    Each change of a mount bumps its generation: a mount that replaced another
+    may show the same ID and device (the kernel reuses both), it is still another.
+    """
 
     def __init__(self, *lines: str) -> None:
         self.lines = list(lines)
         self.reads = 0
+        self.generation: dict[int, int] = {}
+        self.after_read: Callable[[int], None] | None = None
+        """Called with the number of reads so far, after a read (the world moves on)."""
 
     def __call__(self) -> MountTable:
         self.reads += 1
-        return self.table()
+        table = self.table()
+        if self.after_read is not None:
+            self.after_read(self.reads)
+        return table
 
     def table(self) -> MountTable:
         return MountTable.parse("\n".join(self.lines))
 
+    def _changed(self, mount_id: int) -> None:
+        self.generation[mount_id] = self.generation.get(mount_id, 0) + 1
+
     def add(self, line: str) -> None:
         self.lines.append(line)
+        self._changed(int(line.split(" ", 1)[0]))
 
     def remove(self, mount_id: int) -> None:
         self.lines = [line for line in self.lines if not line.startswith(f"{mount_id} ")]
+        self._changed(mount_id)
 
     def replace(self, mount_id: int, line: str) -> None:
         self.lines = [line if old.startswith(f"{mount_id} ") else old for old in self.lines]
+        self._changed(mount_id)
+        self._changed(int(line.split(" ", 1)[0]))
 
 
-class FakeUmount2:
-    """umount2(2): records calls, fails with scripted errnos, and on success takes the
-    top mount at the path out of the mountinfo, as the kernel does."""
+class FakePins:
+    """pin_mount: a walk to the path reaches the top mount there; the pin holds that
+    mount (its ID and generation), whatever is mounted at the path later."""
 
     def __init__(self, mountinfo: Mountinfo) -> None:
         self.mountinfo = mountinfo
+        self.held: dict[str, tuple[int, int, str]] = {}
+        """pin path -> (mount ID, generation, mount point) while the pin is open."""
+        self.pinned: list[str] = []
+        self.fail_with = 0
+        self._next_fd = 10
+
+    @contextlib.contextmanager
+    def __call__(self, path: str) -> Iterator[PinnedMount]:
+        if self.fail_with:
+            raise PinError(self.fail_with, f"cannot pin {path}: {os.strerror(self.fail_with)}")
+        top = self.mountinfo.table().top_at(path)
+        assert top is not None, f"pin of {path}: not a mount point"
+        self.pinned.append(path)
+        self._next_fd += 1
+        fd_path = f"/proc/self/fd/{self._next_fd}"
+        generation = self.mountinfo.generation.get(top.mount_id, 0)
+        self.held[fd_path] = (top.mount_id, generation, path)
+        try:
+            yield PinnedMount(fd_path, top.mount_id, top.device)
+        finally:
+            del self.held[fd_path]
+
+
+class FakeUmount2:
+    """umount2(2) of a pinned mount: records (mount point, flags), fails with scripted
+    errnos, EINVAL if the pinned mount is no longer mounted (as the kernel does), and
+    on success takes it out of the mountinfo and, unless a process holds a file on it,
+    its connection out of fusectl (the kernel frees it with the pin's reference)."""
+
+    def __init__(self, mountinfo: Mountinfo, pins: FakePins, fusectl_root: Path) -> None:
+        self.mountinfo = mountinfo
+        self.pins = pins
+        self.fusectl_root = fusectl_root
         self.calls: list[tuple[str, int]] = []
         self.unmounted: list[int] = []
         self.fail_with: list[int] = []
         """errnos for the next calls, in order (0: succeed)."""
+        self.held_open: set[int] = set()
+        """mount IDs a process holds a file on: their connection outlives the unmount."""
+        self.before_call: Callable[[], None] | None = None
         self.after_call: Callable[[], None] | None = None
 
     def __call__(self, path: str, flags: int) -> None:
-        self.calls.append((path, flags))
+        mount_id, generation, mountpoint = self.pins.held[path]
+        self.calls.append((mountpoint, flags))
+        if self.before_call is not None:
+            self.before_call()
         err = self.fail_with.pop(0) if self.fail_with else 0
         if err:
             raise OSError(err, os.strerror(err), path)
-        top = self.mountinfo.table().top_at(path)
-        assert top is not None, f"umount2 of {path}: not a mount point"
-        self.unmounted.append(top.mount_id)
-        self.mountinfo.remove(top.mount_id)
+        mount = self.mountinfo.table().by_id.get(mount_id)
+        if mount is None or self.mountinfo.generation.get(mount_id, 0) != generation:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
+        self.unmounted.append(mount_id)
+        self.mountinfo.remove(mount_id)
+        if mount_id not in self.held_open:
+            conn = self.fusectl_root / str(connection_id(mount.major, mount.minor))
+            shutil.rmtree(conn, ignore_errors=True)
         if self.after_call is not None:
             self.after_call()
 
@@ -173,7 +235,8 @@ class Node:
         self.mountinfo = Mountinfo(HOST_ROOT, CVMFS_ROOT)
         self.fusectl: Fusectl = MountedFakeFusectl(self.fusectl_root)
         self.prober = ScriptedProber()
-        self.umount2 = FakeUmount2(self.mountinfo)
+        self.pins = FakePins(self.mountinfo)
+        self.umount2 = FakeUmount2(self.mountinfo, self.pins, self.fusectl_root)
         self.registry = CollectorRegistry()
         self.metrics = HealerMetrics(self.registry)
         self.clock = FakeClock()
@@ -217,6 +280,7 @@ class Node:
             fusectl=self.fusectl,
             prober=self.prober,
             umount2=self.umount2,
+            pin=self.pins,
             metrics=self.metrics,
             notify=self.notify,
             clock=self.clock,
@@ -306,7 +370,7 @@ def test_a_severed_mount_is_unmounted_in_the_root(severed_a: Node, dead: int) ->
     reports = by_id(node.healer().sweep())
 
     assert node.prober.probed == ["/cvmfs/a"]
-    assert node.umount2.calls == [("/cvmfs/a", 0)]
+    assert node.umount2.calls == [("/cvmfs/a", MNT_DETACH)]
     severed = reports[50]
     assert severed.verdict is Verdict.SEVERED
     assert severed.action is Action.UNMOUNTED
@@ -325,6 +389,37 @@ def test_a_severed_mount_is_unmounted_in_the_root(severed_a: Node, dead: int) ->
     ]
 
 
+def test_a_severed_mount_named_with_a_carriage_return_is_healed(node: Node) -> None:
+    # The kernel prints \r raw in mountinfo (it escapes only " \t\n\\"): the line
+    # must not be split there, or the mount vanishes and is never healed.
+    node.mountinfo.add(fuse(50, "/cvmfs/foo\rbar", "0:40"))
+    node.connection(40, ABORTED)
+    node.prober.answer("/cvmfs/foo\rbar", errno.ENOTCONN)
+
+    report = only(node.healer().sweep())
+
+    assert (report.mountpoint, report.verdict, report.action) == (
+        "/cvmfs/foo\rbar",
+        Verdict.SEVERED,
+        Action.UNMOUNTED,
+    )
+    assert node.umount2.calls == [("/cvmfs/foo\rbar", MNT_DETACH)]
+    assert node.sample("mountinfo_malformed_lines") == 0
+
+
+def test_malformed_mountinfo_lines_are_counted_and_the_rest_healed(severed_a: Node) -> None:
+    node = severed_a
+    # No super options: the line is reported (the table source logs it), not parsed
+    # into a mount with made-up fields.
+    node.mountinfo.add("52 42 0:42 / /cvmfs/c ro,relatime shared:21 - fuse.squashfuse squashfuse")
+
+    reports = by_id(node.healer().sweep())
+
+    assert sorted(reports) == [50, 51]
+    assert reports[50].action is Action.UNMOUNTED
+    assert node.sample("mountinfo_malformed_lines") == 1
+
+
 def test_a_healed_mount_is_gone_from_the_next_sweep(severed_a: Node) -> None:
     healer = severed_a.healer()
     healer.sweep()
@@ -332,17 +427,19 @@ def test_a_healed_mount_is_gone_from_the_next_sweep(severed_a: Node) -> None:
     reports = healer.sweep()
 
     assert [r.mountpoint for r in reports] == ["/cvmfs/b"]
-    assert severed_a.umount2.calls == [("/cvmfs/a", 0)]
+    assert severed_a.umount2.calls == [("/cvmfs/a", MNT_DETACH)]
     assert severed_a.prober.probed == ["/cvmfs/a"]
 
 
 def test_a_busy_severed_mount_is_detached(severed_a: Node) -> None:
+    # A process holds a file on the dead mount: after the unmount its connection
+    # lives on until that file is closed.
     node = severed_a
-    node.umount2.fail_with = [errno.EBUSY]
+    node.umount2.held_open.add(50)
 
     report = by_id(node.healer().sweep())[50]
 
-    assert node.umount2.calls == [("/cvmfs/a", 0), ("/cvmfs/a", MNT_DETACH)]
+    assert node.umount2.calls == [("/cvmfs/a", MNT_DETACH)]
     assert MNT_DETACH == 2
     assert report.verdict is Verdict.SEVERED
     assert report.action is Action.DETACHED
@@ -356,11 +453,11 @@ def test_a_busy_severed_mount_is_detached(severed_a: Node) -> None:
 @pytest.mark.parametrize(
     ("fail_with", "reason", "calls"),
     [
-        ([errno.EPERM], "EPERM", [("/cvmfs/a", 0)]),
-        ([errno.EINVAL], "EINVAL", [("/cvmfs/a", 0)]),
-        ([errno.EBUSY, errno.EPERM], "EPERM", [("/cvmfs/a", 0), ("/cvmfs/a", MNT_DETACH)]),
+        ([errno.EPERM], "EPERM", [("/cvmfs/a", MNT_DETACH)]),
+        # EINVAL while the pinned mount is still in the table: not "gone meanwhile".
+        ([errno.EINVAL], "EINVAL", [("/cvmfs/a", MNT_DETACH)]),
     ],
-    ids=["EPERM", "EINVAL", "EBUSY-then-EPERM"],
+    ids=["EPERM", "EINVAL"],
 )
 def test_a_failed_unmount_is_reported_and_counted(
     severed_a: Node, fail_with: list[int], reason: str, calls: list[tuple[str, int]]
@@ -433,7 +530,7 @@ def test_a_fuseblk_mount_is_read_from_its_dev_t_connection(node: Node) -> None:
 
     assert report.conn_id == conn_id
     assert report.verdict is Verdict.SEVERED
-    assert node.umount2.calls == [("/cvmfs/disk", 0)]
+    assert node.umount2.calls == [("/cvmfs/disk", MNT_DETACH)]
 
 
 # -- hung: waiting requests that persist ----------------------------------------------
@@ -466,6 +563,30 @@ def test_waiting_requests_are_probed_only_after_hung_after(busy_a: Node) -> None
     assert node.prober.probed == ["/cvmfs/a"]
     assert third.verdict is Verdict.HUNG
     assert "3 request(s) unanswered for 6.0s" in third.detail
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["once", "once-dry-run"])
+def test_once_probes_waiting_requests_at_once(busy_a: Node, dry_run: bool) -> None:
+    # One sweep has no waiting history: without the probe it would say healthy.
+    node = busy_a
+
+    report = only(node.healer(once=True, dry_run=dry_run, hung_after=6.0).sweep())
+
+    assert node.prober.probed == ["/cvmfs/a"]
+    assert (report.verdict, report.action) == (Verdict.HUNG, Action.NONE)
+    assert "3 request(s) unanswered" in report.detail
+    assert "squashfuse[1234] state T" in report.detail
+    assert node.umount2.calls == []
+
+
+def test_once_with_no_waiting_request_probes_nothing(node: Node) -> None:
+    node.mountinfo.add(fuse(50, "/cvmfs/a", "0:40"))
+    node.connection(40)
+
+    report = only(node.healer(once=True).sweep())
+
+    assert report.verdict is Verdict.HEALTHY
+    assert node.prober.probed == []
 
 
 def test_a_probe_without_answer_is_hung_and_not_probed_again(busy_a: Node) -> None:
@@ -544,16 +665,19 @@ def test_a_hung_connection_is_aborted_after_abort_hung_after_then_healed(busy_a:
     assert node.prober.probed == ["/cvmfs/a"]
 
     node.clock.advance(0.1)
+    # The unmount frees the connection and its fusectl directory: look before.
+    written: list[str] = []
+    node.umount2.before_call = lambda: written.append(node.abort_written(40))
     report = only(healer.sweep())
 
-    assert node.abort_written(40) == "1"
+    assert written == ["1"]
     assert node.prober.probed == ["/cvmfs/a", "/cvmfs/a"]  # the confirming re-probe
     assert report.verdict is Verdict.SEVERED
     assert report.action is Action.UNMOUNTED
     assert "aborted" in report.detail
     assert "aborted connection 40" in report.detail
     assert "ENOTCONN" in report.detail
-    assert node.umount2.calls == [("/cvmfs/a", 0)]
+    assert node.umount2.calls == [("/cvmfs/a", MNT_DETACH)]
     assert node.sample("aborts_total") == 1
     assert node.sample("heals_total", method="umount") == 1
 
@@ -656,10 +780,83 @@ def test_every_unmount_is_checked_against_a_fresh_mountinfo(severed_a: Node) -> 
 
     reports = by_id(node.healer().sweep())
 
-    assert node.umount2.calls == [("/cvmfs/c", 0)]
+    assert node.umount2.calls == [("/cvmfs/c", MNT_DETACH)]
     assert reports[52].action is Action.UNMOUNTED
     assert reports[50].action is Action.NONE
     assert "left alone" in reports[50].detail
+
+
+def test_a_mount_remounted_after_the_re_check_is_not_unmounted(severed_a: Node) -> None:
+    """Issue 9, point 4: automount expires the severed mount and mounts the volume
+    again between the re-check and the unmount. The unmount goes through the pin,
+    which holds the probed mount: it is no longer attached, and the new mount stays.
+
+    While the pin holds the old mount the kernel cannot give its ID or device to
+    the new one (both are freed with the last reference): the new mount has others.
+    An unmount by path would take it all the same."""
+    node = severed_a
+    node.umount2.before_call = lambda: node.mountinfo.replace(50, fuse(55, "/cvmfs/a", "0:44"))
+
+    report = by_id(node.healer().sweep())[50]
+
+    assert node.pins.pinned == ["/cvmfs/a"]
+    assert node.umount2.calls == [("/cvmfs/a", MNT_DETACH)]
+    assert node.umount2.unmounted == []
+    assert node.mountinfo.table().top_at("/cvmfs/a").mount_id == 55  # type: ignore[union-attr]
+    assert report.action is Action.NONE
+    assert "before the unmount; left alone" in report.detail
+    assert node.sample("heals_total", method="umount") == 0
+    assert node.sample("heals_total", method="detach") == 0
+    assert node.sample("heal_failures_total", reason="EINVAL") is None
+    assert node.events == []
+
+
+def test_a_mount_remounted_before_the_pin_is_left_alone(severed_a: Node) -> None:
+    # The walk of the pin reaches another mount than the probed one: nothing is unmounted.
+    node = severed_a
+    # The sweep's read, then the pre-check before the pin: right after it, the remount.
+    node.mountinfo.after_read = lambda reads: (
+        node.mountinfo.replace(50, fuse(57, "/cvmfs/a", "0:40")) if reads == 2 else None
+    )
+    healer = node.healer()
+
+    report = by_id(healer.sweep())[50]
+
+    assert node.pins.pinned == ["/cvmfs/a"]
+    assert node.umount2.calls == []
+    assert report.action is Action.NONE
+    assert "a walk reaches mount 57" in report.detail
+
+
+def test_a_mount_point_that_cannot_be_pinned_is_a_failure_not_an_unmount(
+    severed_a: Node,
+) -> None:
+    node = severed_a
+    node.pins.fail_with = errno.ENOENT
+
+    report = by_id(node.healer().sweep())[50]
+
+    assert node.umount2.calls == []
+    assert report.action is Action.FAILED
+    assert "pin: ENOENT" in report.detail
+    assert node.sample("heal_failures_total", reason="ENOENT") == 1
+
+
+def test_dry_run_pins_and_checks_but_never_unmounts(severed_a: Node) -> None:
+    node = severed_a
+
+    report = by_id(node.healer(dry_run=True).sweep())[50]
+
+    assert node.pins.pinned == ["/cvmfs/a"]
+    assert node.umount2.calls == []
+    assert report.action is Action.WOULD_UNMOUNT
+
+
+def test_a_healthy_mount_is_never_pinned(severed_a: Node) -> None:
+    # Pinning walks the path (an autofs expiry refresh): severed mounts only.
+    node = severed_a
+    node.healer().sweep()
+    assert node.pins.pinned == ["/cvmfs/a"]
 
 
 def test_stacked_severed_mounts_are_unmounted_top_first(node: Node) -> None:
@@ -672,7 +869,7 @@ def test_stacked_severed_mounts_are_unmounted_top_first(node: Node) -> None:
     reports = by_id(node.healer().sweep())
 
     assert node.umount2.unmounted == [51, 50]
-    assert node.umount2.calls == [("/cvmfs/a", 0), ("/cvmfs/a", 0)]
+    assert node.umount2.calls == [("/cvmfs/a", MNT_DETACH), ("/cvmfs/a", MNT_DETACH)]
     assert reports[50].action is reports[51].action is Action.UNMOUNTED
     assert node.sample("heals_total", method="umount") == 2
 
@@ -720,7 +917,7 @@ def test_a_severed_mount_inside_another_is_unmounted_first(node: Node) -> None:
 
     reports = by_id(node.healer().sweep())
 
-    assert node.umount2.calls == [("/cvmfs/a/b", 0), ("/cvmfs/a", 0)]
+    assert node.umount2.calls == [("/cvmfs/a/b", MNT_DETACH), ("/cvmfs/a", MNT_DETACH)]
     assert reports[45].action is reports[50].action is Action.UNMOUNTED
 
 
@@ -762,7 +959,7 @@ def test_a_mount_under_nested_autofs_roots_is_reported_and_unmounted_once(node: 
     assert healer.last_roots == ("/cvmfs", "/cvmfs/sub")
     assert [(r.mount_id, r.action) for r in reports] == [(80, Action.UNMOUNTED)]
     assert node.prober.probed == ["/cvmfs/sub/x"]
-    assert node.umount2.calls == [("/cvmfs/sub/x", 0)]
+    assert node.umount2.calls == [("/cvmfs/sub/x", MNT_DETACH)]
 
 
 def test_a_configured_root_that_is_not_autofs_is_warned_about_once(
@@ -798,7 +995,7 @@ def test_a_configured_root_picks_that_root_only(severed_a: Node) -> None:
     assert [(r.mount_id, r.root, r.action) for r in reports] == [(80, "/eos", Action.UNMOUNTED)]
     assert healer.last_roots == ("/eos",)
     assert node.prober.probed == ["/eos/user"]
-    assert node.umount2.calls == [("/eos/user", 0)]
+    assert node.umount2.calls == [("/eos/user", MNT_DETACH)]
 
 
 # -- without fusectl: who holds /dev/fuse -------------------------------------------------
@@ -829,7 +1026,7 @@ def test_without_fusectl_an_unserved_connection_is_probed_and_healed(
     assert reports[50].verdict is Verdict.HEALTHY
     assert reports[51].verdict is Verdict.SEVERED
     assert reports[51].action is Action.UNMOUNTED
-    assert node.umount2.calls == [("/cvmfs/b", 0)]
+    assert node.umount2.calls == [("/cvmfs/b", MNT_DETACH)]
     assert node.sample("fusectl_available") == 0
     fallbacks = [r for r in caplog.records if "falling back to fdinfo" in r.getMessage()]
     assert len(fallbacks) == 1
@@ -942,6 +1139,68 @@ def test_one_unreadable_connection_does_not_stop_the_sweep(severed_a: Node) -> N
 
     reports = by_id(node.healer().sweep())
 
-    assert node.umount2.calls == [("/cvmfs/a", 0)]
+    assert node.umount2.calls == [("/cvmfs/a", MNT_DETACH)]
     assert reports[50].action is Action.UNMOUNTED
     assert reports[52].verdict is Verdict.SKIPPED
+
+
+# -- slave copies (issue 9, point 2) ----------------------------------------------------
+
+COPY = "/var/lib/kubelet/pods/p1/volumes/cvmfs"
+
+
+def copy_of_a(node: Node) -> None:
+    """A consumer's `--rbind --make-rslave` copy of /cvmfs with its copy of severed /cvmfs/a."""
+    node.mountinfo.add(SLAVE_COPY)
+    node.mountinfo.add(fuse(61, f"{COPY}/a", "0:40", parent=60, propagation="master:21"))
+
+
+def test_a_slave_copy_root_is_healed_in_its_master(severed_a: Node) -> None:
+    node = severed_a
+    copy_of_a(node)
+    node.prober.answer(f"{COPY}/a", errno.ENOTCONN)
+
+    reports = by_id(node.healer(roots=(COPY,)).sweep())
+
+    # The unmount must happen in the master: one in the copy would not propagate
+    # back, the root would stay severed and the copy cache ENOENT.
+    assert node.umount2.unmounted == [50]
+    assert 61 not in reports
+    assert (reports[50].root, reports[50].verdict, reports[50].action) == (
+        "/cvmfs",
+        Verdict.SEVERED,
+        Action.UNMOUNTED,
+    )
+
+
+def test_a_slave_copy_whose_master_is_not_visible_is_skipped_and_counted(node: Node) -> None:
+    node.mountinfo.remove(42)  # a container that sees only its rslave copy
+    copy_of_a(node)
+    node.connection(40, ABORTED)
+    registry = node.registry
+    healer = node.healer(roots=(COPY,))
+    registry.register(
+        SweepStateCollector(lambda: healer.last_reports, lambda: healer.last_roots, dict)
+    )
+
+    report = only(healer.sweep())
+
+    assert (report.mountpoint, report.verdict, report.action) == (
+        f"{COPY}/a",
+        Verdict.SKIPPED,
+        Action.NONE,
+    )
+    assert "mount propagation" in report.detail
+    assert node.prober.probed == [] and node.pins.pinned == [] and node.umount2.calls == []
+    assert node.sample("mounts_not_healable", root=COPY, reason="mount_propagation") == 1
+
+
+def test_only_slave_copies_say_how_to_fix_the_manifest(node: Node) -> None:
+    node.mountinfo.remove(42)
+    copy_of_a(node)
+    healer = node.healer()
+
+    assert healer.sweep() == []
+    assert healer.slave_copies == (COPY,)
+    message = healer.only_slaves_message()
+    assert COPY in message and "Bidirectional" in message and "rshared" in message

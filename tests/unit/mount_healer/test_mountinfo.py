@@ -220,6 +220,8 @@ def test_parse_empty_source() -> None:
         pytest.param("22 1 8-1 / / rw,relatime - ext4 /dev/sda1 rw", id="bad-major-minor"),
         pytest.param("22 1 8:z / / rw,relatime - ext4 /dev/sda1 rw", id="non-numeric-minor"),
         pytest.param("22 1 8:1 / / rw,relatime - ext4", id="no-source"),
+        pytest.param("22 1 8:1 / / rw,relatime - ext4 /dev/sda1", id="no-super-options"),
+        pytest.param("22 1 8:1 / / rw - ext4 /dev/sda1 rw extra", id="too-many-after-separator"),
         pytest.param("22 1 8:1 / - ext4 /dev/sda1 rw", id="too-few-before-separator"),
         pytest.param("22 1 8:1", id="truncated"),
     ],
@@ -241,7 +243,46 @@ def test_malformed_lines_are_set_aside_and_the_rest_parsed() -> None:
     text = "\n".join([EXT4_ROOT, bad[0], CVMFS_AUTOFS, "", bad[1], CVMFS_ATLAS, bad[2], "   "])
     table = MountTable.parse(text + "\n")
     assert ids(list(table.mounts)) == [22, 42, 43]
-    assert table.malformed == tuple(bad)
+    # The kernel prints no blank lines: a line of spaces is reported, only an
+    # empty one (the end of the text) is nothing.
+    assert table.malformed == (*bad, "   ")
+
+
+# util-linux's own sample (tests/ts/libmount/files/mountinfo): a mount point with a
+# carriage return, which the kernel does not escape.
+UTIL_LINUX_CR = "49 20 0:56 / /mnt/test/foo\rbar rw,relatime shared:323 - tmpfs tmpfs rw"
+
+# Every character str.splitlines() breaks at besides \n. The kernel escapes only
+# space, tab, newline and backslash in paths (fs/proc_namespace.c `mangle`,
+# `seq_path(..., " \t\n\\")`), so each may appear raw inside a field.
+SPLITLINES_BREAKS = ["\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+
+
+def test_util_linux_carriage_return_sample_is_one_mount() -> None:
+    table = MountTable.parse(f"{EXT4_ROOT}\n{UTIL_LINUX_CR}\n{CVMFS_AUTOFS}\n")
+    assert ids(list(table.mounts)) == [22, 49, 42]
+    assert table.by_id[49].mountpoint == "/mnt/test/foo\rbar"
+    assert table.by_id[49].fstype == "tmpfs"
+    assert table.malformed == ()
+
+
+@pytest.mark.parametrize("char", SPLITLINES_BREAKS, ids=lambda c: f"U+{ord(c):04X}")
+def test_only_newline_ends_a_line(char: str) -> None:
+    fuse = (
+        f"43 42 0:40 / /cvmfs/a{char}b ro,relatime shared:301 - fuse.squashfuse "
+        f"/img{char}s ro,user_id=0,group_id=0"
+    )
+    table = MountTable.parse(f"{EXT4_ROOT}\n{CVMFS_AUTOFS}\n{fuse}\n")
+    assert table.malformed == ()
+    assert [m.mountpoint for m in table.fuse_under(table.by_id[42])] == [f"/cvmfs/a{char}b"]
+    assert table.by_id[43].source == f"/img{char}s"
+
+
+def test_a_malformed_line_does_not_hide_its_neighbours() -> None:
+    truncated = "43 42 0:40 / /cvmfs/x ro,relatime shared:301 - fuse cvmfs2"
+    table = MountTable.parse(f"{CVMFS_AUTOFS}\n{truncated}\r\n{CVMFS_ATLAS}\n")
+    assert ids(list(table.mounts)) == [42, 43]
+    assert table.malformed == (truncated + "\r",)
 
 
 def test_parse_empty_text() -> None:
