@@ -46,14 +46,17 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     pytest.skip(NO_AUTOFS)
 
 
-def require_root_tools() -> None:
-    """Skip (or fail in CI, where everything must run) without root or the autofs tools."""
+def require_root_tools(*, autofs: bool = True) -> None:
+    """Skip (or fail in CI, where everything must run) without root or the autofs tools.
+
+    `autofs=False`: the test mounts FUSE and squashfs itself, with no automount.
+    """
     reason = None
     if not IS_ROOT:
         reason = "needs root: real autofs, FUSE mounts and umount2"
     elif missing := missing_tools():
         reason = f"needs {', '.join(missing)} (apt-get install autofs squashfuse squashfs-tools)"
-    elif not kernel_has_autofs():
+    elif autofs and not kernel_has_autofs():
         # Marked tests were skipped before they started (pytest_runtest_setup);
         # an unmarked one would be skipped here and then run nowhere.
         pytest.fail(f"this test needs autofs: mark it `@pytest.mark.autofs` ({NO_AUTOFS})")

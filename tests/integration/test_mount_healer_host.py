@@ -32,7 +32,7 @@ pytestmark = pytest.mark.root
 @pytest.fixture
 def mounts(workdir: Path) -> Iterator[Path]:
     """A directory to mount in; everything below it is unmounted at the end."""
-    require_root_tools()
+    require_root_tools(autofs=False)
     base = workdir / "mnt"
     base.mkdir()
     yield base

@@ -62,9 +62,21 @@ def _healer() -> CollectorRegistry:
         conn_id=73,
         verdict=Verdict.SEVERED,
     )
+    in_slave_copy = MountReport(
+        root="/var/lib/kubelet/pods/x/volumes/cvmfs",
+        mountpoint="/var/lib/kubelet/pods/x/volumes/cvmfs/lhcb.cern.ch",
+        fstype="fuse.cvmfs2",
+        mount_id=813,
+        conn_id=74,
+        verdict=Verdict.SEVERED,
+        skip_reason="mount_propagation",
+    )
+    metrics.mountinfo_malformed_lines.set(1)
     registry.register(
         healer_metrics.SweepStateCollector(
-            lambda: [severed], lambda: ["/cvmfs"], lambda: {("/cvmfs", "/cvmfs/atlas.cern.ch"): 3}
+            lambda: [severed, in_slave_copy],
+            lambda: ["/cvmfs"],
+            lambda: {("/cvmfs", "/cvmfs/atlas.cern.ch"): 3},
         )
     )
     return registry
