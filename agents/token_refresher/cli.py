@@ -414,6 +414,8 @@ def _local(
             tick,
             interval=args.interval,
             stop=stop_event,
+            next_due=refresher.next_due,
+            min_gap=0.05,
             iterations=run.iterations,
             metrics=run.loop_metrics,
             heartbeat=heartbeat,
@@ -473,6 +475,12 @@ def _controller(
         json.dumps(redacted(config), default=str),
     )
     metrics = ControllerMetrics(run.registry)
+
+    def lead() -> None:
+        # Due Secrets are refreshed as soon as this replica leads, not at its
+        # next pass (`controller` is made below, before the Lease is sought).
+        controller.wake.set()
+
     elector = LeaderElector(
         api_client,
         name=config.lease.name,
@@ -481,6 +489,7 @@ def _controller(
         lease_duration=config.lease.duration,
         renew_interval=config.lease.renew_interval,
         on_api_call=metrics.api_call,
+        on_leading=lead,
     )
     idp = config.idp
     controller = Controller(
@@ -533,6 +542,7 @@ def _controller(
                 stop=stop_event,
                 wake=controller.wake,
                 min_gap=0.05,
+                next_due=controller.next_due,
                 iterations=run.iterations,
                 metrics=run.loop_metrics,
                 heartbeat=heartbeat,

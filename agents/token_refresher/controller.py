@@ -176,8 +176,12 @@ class Controller:
         self._rng = rng or random.Random()
         self._backoff = Backoff(cap=config.backoff_cap, rng=self._rng)
         self._states: dict[str, _State] = {}
-        self._unreachable: set[str] = set()
-        """Token URLs that timed out or refused in this pass."""
+        self._unreachable: dict[str, float] = {}
+        """Token URLs that timed out or refused, and until when (the failed
+        Secret's retry time): the other Secrets of that IdP wait as long, so
+        one silent IdP costs one timeout, not one per Secret."""
+        self._next_due: float | None = None
+        """When the next Secret is due (unix time), as of the last pass."""
         self.wake = threading.Event()
         """Set when a Secret changes: the run loop passes at once."""
         namespaces: list[str | None] = list(config.namespaces) or [None]
@@ -224,7 +228,8 @@ class Controller:
             log.debug("waiting for the first list of token Secrets")
             return
         self._metrics.leader.set(1 if self._leading() else 0)
-        self._unreachable = set()
+        now = self._clock()
+        self._unreachable = {url: until for url, until in self._unreachable.items() if until > now}
         seen: set[str] = set()
         for cache in self.caches:
             for secret in cache.objects():
@@ -235,6 +240,10 @@ class Controller:
                 except Exception:
                     # One Secret's surprise must not stop the others' refreshes.
                     log.exception("token Secret %s: unexpected failure", key)
+                    if key in self._states:
+                        # Again on the next regular pass, not on every wake-up.
+                        state = self._states[key]
+                        state.retry_at = max(state.retry_at, now + self.config.interval)
         for key in set(self._states) - seen:
             state = self._states.pop(key)
             if state.pending is not None:
@@ -244,6 +253,24 @@ class Controller:
             with contextlib.suppress(KeyError):  # it may never have had an expiry
                 self._metrics.time_to_expiry.remove(key)
         self._export_states()
+        self._next_due = self._earliest_due() if self._leading() else None
+
+    def next_due(self) -> float | None:
+        """Seconds until the next Secret is due (the run loop wakes then), None:
+        none is, or this replica does not lead (the interval stays the safety
+        net). Without it a refresh waited for the next pass: up to an interval
+        late, past the end of a short-lived refresh token."""
+        return None if self._next_due is None else self._next_due - self._clock()
+
+    def _earliest_due(self) -> float | None:
+        times = []
+        for state in self._states.values():
+            if state.pending is not None:
+                times.append(state.retry_at)  # the write is retried first
+            elif state.token is not None and state.digest != state.final_digest:
+                blocked = self._unreachable.get(state.token_url, 0.0)
+                times.append(max(state.due, state.retry_at, blocked))
+        return min(times, default=None)
 
     def _leading(self) -> bool:
         if self._elector is None:
@@ -288,7 +315,7 @@ class Controller:
             self._metrics.time_to_expiry.labels(key).set(token.expires_at - now)
         if now < state.due or now < state.retry_at:
             return
-        if state.token_url in self._unreachable:
+        if self._unreachable.get(state.token_url, 0.0) > now:
             return  # another Secret of this IdP just timed out: not N timeouts per pass
         # Checked before every IdP call, not once per pass: a pass may take a while.
         if not self._leading():
@@ -399,7 +426,7 @@ class Controller:
             # From the failure, not the attempt: a timeout took a while already.
             state.retry_at = self._clock() + delay
             if err.kind in ("timeout", "connection"):
-                self._unreachable.add(state.token_url)
+                self._unreachable[state.token_url] = state.retry_at
             self._metrics.refreshes.labels(err.kind).inc()
             left = token.lifetime(now)
             log.warning(
@@ -421,6 +448,7 @@ class Controller:
                 )
             return
         self._metrics.refreshes.labels("ok").inc()
+        self._unreachable.pop(state.token_url, None)
         state.pending, state.pending_from = new, token.refresh_token
         state.retry_at = 0.0
         self._persist(key, secret, state, now)

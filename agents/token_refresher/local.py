@@ -91,6 +91,17 @@ class LocalRefresher:
     def token(self) -> Token | None:
         return self._state.token
 
+    def next_due(self) -> float | None:
+        """Seconds until the next refresh (or retry) is due; None: none is.
+
+        The run loop wakes then: a pass every --interval (30 s) alone let a
+        token that lives less than that lapse before its refresh.
+        """
+        state = self._state
+        if state.token is None or state.digest == state.final_digest:
+            return None
+        return max(state.due, state.retry_at) - self._clock()
+
     def tick(self) -> None:
         state, now = self._state, self._clock()
         try:

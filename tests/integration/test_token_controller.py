@@ -155,6 +155,20 @@ def test_a_chain_of_refreshes_never_breaks_and_each_rotation_is_persisted_before
         assert secret not in ours
 
 
+def test_refreshes_start_when_due_not_at_the_next_pass(
+    kube: FakeKube, idp: TestIdP, tmp_path: Path
+) -> None:
+    """Issue 9: with passes 30 s apart, 2 s tokens are still refreshed in a
+    chain: the wait ends at the earliest due time, the interval is the safety net."""
+    args = argv(kube, idp, tmp_path)
+    args[args.index("--interval") + 1] = "30"
+    with AgentThread(main, args) as agent:
+        leading(agent)
+        kube.put(token_secret(idp))
+        wait_for(lambda: agent.value("token_refresher_refreshes_total", {"result": "ok"}) >= 4, 15)
+        assert agent.value("token_refresher_refreshes_total", {"result": "invalid_grant"}) == 0
+
+
 def test_a_stale_resource_version_is_retried_without_losing_a_rotation(
     kube: FakeKube, idp: TestIdP, tmp_path: Path
 ) -> None:
