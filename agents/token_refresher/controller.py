@@ -30,7 +30,6 @@ order for every Secret:
 from __future__ import annotations
 
 import base64
-import contextlib
 import copy
 import hashlib
 import json
@@ -250,8 +249,7 @@ class Controller:
                 log.warning(
                     "token Secret %s was deleted before its refreshed token was written", key
                 )
-            with contextlib.suppress(KeyError):  # it may never have had an expiry
-                self._metrics.time_to_expiry.remove(key)
+            self._metrics.expiries.remove(key)
         self._export_states()
         self._next_due = self._earliest_due() if self._leading() else None
 
@@ -311,8 +309,7 @@ class Controller:
             return
         token = state.token
         assert token is not None and state.secret is not None
-        if token.expires_at is not None:
-            self._metrics.time_to_expiry.labels(key).set(token.expires_at - now)
+        self._metrics.expiries.set(key, token, now)
         if now < state.due or now < state.retry_at:
             return
         if self._unreachable.get(state.token_url, 0.0) > now:
@@ -505,8 +502,7 @@ class Controller:
             min_interval=self.config.idp.min_refresh_interval,
             rng=self._rng,
         )
-        if new.expires_at is not None:
-            self._metrics.time_to_expiry.labels(key).set(new.expires_at - now)
+        self._metrics.expiries.set(key, new, now)
         log.info(
             "token Secret %s refreshed; expires in %s, next refresh at %s",
             key,

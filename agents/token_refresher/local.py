@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from agents.token_refresher.config import OFFLINE_IDLE
 from agents.token_refresher.inject import InjectError, write_file
 from agents.token_refresher.metrics import RefresherMetrics
 from agents.token_refresher.oauth import (
@@ -52,6 +53,8 @@ class LocalConfig:
     """Refresh a token without expiry at least this often, so offline refresh
     tokens do not idle out."""
     min_refresh_interval: float = 10.0
+    offline_idle: float = OFFLINE_IDLE
+    """Keycloak's Offline Session Idle: for the offline token's metric."""
 
 
 @dataclass
@@ -128,8 +131,7 @@ class LocalRefresher:
         if now >= state.due and now >= state.retry_at:
             current = self._refresh_now(current, digest, now) or current
         self._write_output(current)
-        if current.expires_at is not None:
-            self._metrics.time_to_expiry.labels(self.name).set(current.expires_at - now)
+        self._metrics.expiries.set(self.name, current, now)
 
     def _adopt(self, token: Token, digest: bytes, now: float) -> None:
         state = self._state
