@@ -58,6 +58,7 @@ class LeaderElector:
         renew_interval: float = 5.0,
         request_timeout: float = 10.0,
         on_api_call: OnApiCall | None = None,
+        on_leading: Callable[[], None] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -76,6 +77,9 @@ class LeaderElector:
         self.renew_interval = renew_interval
         self.request_timeout = request_timeout
         self._on_api_call = on_api_call
+        self._on_leading = on_leading
+        """Called when this replica becomes leader: work that waits for the
+        Lease starts then, not at the controller's next pass."""
         self._monotonic = monotonic
         self._wall = wall
         self._lock = threading.Lock()
@@ -229,6 +233,8 @@ class LeaderElector:
                 self.name,
                 how,
             )
+            if self._on_leading is not None:
+                self._on_leading()
         return True
 
     def _lost(self, why: str) -> bool:

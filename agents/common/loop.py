@@ -72,6 +72,7 @@ def run_loop(
     stop: threading.Event,
     wake: threading.Event | None = None,
     min_gap: float = 0.0,
+    next_due: Callable[[], float | None] | None = None,
     jitter: float = 0.1,
     iterations: int | None = None,
     metrics: LoopMetrics | None = None,
@@ -83,14 +84,21 @@ def run_loop(
 
     `wake`, when set by another thread (an event source), starts the next tick
     early, but never sooner than `min_gap` seconds after the previous one
-    started. Returns the number of failed ticks.
+    started. `next_due`, asked after each successful tick, gives the seconds
+    until the agent has work due (None: nothing known): the wait ends then if
+    that is sooner than `interval`, which stays the safety net (a token that
+    lives less than one interval must not wait for the next pass). After a
+    failed tick the loop waits the full interval: a due time that the failure
+    left in the past would otherwise spin. Returns the number of failed ticks.
     """
     failures = 0
     count = 0
     while not stop.is_set():
         started = clock()
+        due: float | None = None
         try:
             tick()
+            due = None if next_due is None else next_due()
         except Exception:
             failures += 1
             log.exception("tick failed; the agent keeps running")
@@ -109,7 +117,12 @@ def run_loop(
         if iterations is not None and count >= iterations:
             break
         delay = interval * (1.0 + jitter * (2.0 * random.random() - 1.0)) - elapsed
-        _wait(stop, wake, clock, until=clock() + max(0.0, delay), earliest=started + min_gap)
+        until = clock() + max(0.0, delay)
+        if due is not None:
+            # Not sooner than min_gap after this tick started: work that stays
+            # due (an agent that could not do it) must not spin the loop.
+            until = min(until, max(clock() + due, started + min_gap))
+        _wait(stop, wake, clock, until=until, earliest=started + min_gap)
     return failures
 
 

@@ -41,7 +41,13 @@ from agents.common.settings import (
     positive_float,
     redacted,
 )
-from agents.token_refresher.config import ControllerConfig, IdPConfig, InjectorConfig, LeaseConfig
+from agents.token_refresher.config import (
+    OFFLINE_IDLE,
+    ControllerConfig,
+    IdPConfig,
+    InjectorConfig,
+    LeaseConfig,
+)
 from agents.token_refresher.local import LocalConfig, LocalRefresher, refresher_for
 from agents.token_refresher.metrics import (
     PREFIX,
@@ -294,6 +300,15 @@ def _add_idp_flags(parser: AgentArgumentParser) -> None:
         env="IDLE_WINDOW",
         help="refresh tokens without expiry at least this often (seconds)",
     )
+    parser.add_argument(
+        "--offline-idle-timeout",
+        type=positive_float,
+        default=OFFLINE_IDLE,
+        env="OFFLINE_IDLE_TIMEOUT",
+        help="an offline token (refresh_expires_in 0) ends once unused this long: the "
+        "realm's Offline Session Idle, for its time-to-expiry metric (seconds; default "
+        "30 days, Keycloak's)",
+    )
 
 
 def main(
@@ -382,6 +397,7 @@ def _local(
         refresh_fraction=args.refresh_fraction,
         idle_window=args.idle_window,
         min_refresh_interval=args.min_refresh_interval,
+        offline_idle=args.offline_idle_timeout,
     )
     log.info(
         "%s %s local starting with %s", PROG, __version__, json.dumps(redacted(config), default=str)
@@ -397,7 +413,7 @@ def _local(
             allow_http=args.allow_http,
             timeout=args.request_timeout,
         ),
-        metrics=RefresherMetrics(run.registry),
+        metrics=RefresherMetrics(run.registry, offline_idle=config.offline_idle),
     )
     if args.once:
         refresher.tick()
@@ -414,6 +430,8 @@ def _local(
             tick,
             interval=args.interval,
             stop=stop_event,
+            next_due=refresher.next_due,
+            min_gap=0.05,
             iterations=run.iterations,
             metrics=run.loop_metrics,
             heartbeat=heartbeat,
@@ -433,6 +451,7 @@ def _controller_config(args: argparse.Namespace) -> ControllerConfig:
             refresh_fraction=args.refresh_fraction,
             idle_window=args.idle_window,
             min_refresh_interval=args.min_refresh_interval,
+            offline_idle=args.offline_idle_timeout,
         ),
         lease=LeaseConfig(
             name=args.lease_name,
@@ -472,7 +491,13 @@ def _controller(
         __version__,
         json.dumps(redacted(config), default=str),
     )
-    metrics = ControllerMetrics(run.registry)
+    metrics = ControllerMetrics(run.registry, offline_idle=config.idp.offline_idle)
+
+    def lead() -> None:
+        # Due Secrets are refreshed as soon as this replica leads, not at its
+        # next pass (`controller` is made below, before the Lease is sought).
+        controller.wake.set()
+
     elector = LeaderElector(
         api_client,
         name=config.lease.name,
@@ -481,6 +506,7 @@ def _controller(
         lease_duration=config.lease.duration,
         renew_interval=config.lease.renew_interval,
         on_api_call=metrics.api_call,
+        on_leading=lead,
     )
     idp = config.idp
     controller = Controller(
@@ -533,6 +559,7 @@ def _controller(
                 stop=stop_event,
                 wake=controller.wake,
                 min_gap=0.05,
+                next_due=controller.next_due,
                 iterations=run.iterations,
                 metrics=run.loop_metrics,
                 heartbeat=heartbeat,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+OFFLINE_IDLE = 30 * 86400.0
+"""Keycloak's default Offline Session Idle: an offline token unused this long ends."""
+
 
 @dataclass(frozen=True)
 class IdPConfig:
@@ -29,6 +32,10 @@ class IdPConfig:
     min_refresh_interval: float = 10.0
     """Never sooner than this after a token was issued: an IdP answering
     `expires_in: 0` must not get a refresh loop."""
+    offline_idle: float = OFFLINE_IDLE
+    """An offline token (`refresh_expires_in: 0`) ends once unused this long:
+    Keycloak's Offline Session Idle, 30 days by default. Only its metric (and
+    so the alert) uses it."""
 
 
 @dataclass(frozen=True)

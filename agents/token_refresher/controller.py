@@ -30,7 +30,6 @@ order for every Secret:
 from __future__ import annotations
 
 import base64
-import contextlib
 import copy
 import hashlib
 import json
@@ -176,8 +175,12 @@ class Controller:
         self._rng = rng or random.Random()
         self._backoff = Backoff(cap=config.backoff_cap, rng=self._rng)
         self._states: dict[str, _State] = {}
-        self._unreachable: set[str] = set()
-        """Token URLs that timed out or refused in this pass."""
+        self._unreachable: dict[str, float] = {}
+        """Token URLs that timed out or refused, and until when (the failed
+        Secret's retry time): the other Secrets of that IdP wait as long, so
+        one silent IdP costs one timeout, not one per Secret."""
+        self._next_due: float | None = None
+        """When the next Secret is due (unix time), as of the last pass."""
         self.wake = threading.Event()
         """Set when a Secret changes: the run loop passes at once."""
         namespaces: list[str | None] = list(config.namespaces) or [None]
@@ -224,7 +227,8 @@ class Controller:
             log.debug("waiting for the first list of token Secrets")
             return
         self._metrics.leader.set(1 if self._leading() else 0)
-        self._unreachable = set()
+        now = self._clock()
+        self._unreachable = {url: until for url, until in self._unreachable.items() if until > now}
         seen: set[str] = set()
         for cache in self.caches:
             for secret in cache.objects():
@@ -235,15 +239,36 @@ class Controller:
                 except Exception:
                     # One Secret's surprise must not stop the others' refreshes.
                     log.exception("token Secret %s: unexpected failure", key)
+                    if key in self._states:
+                        # Again on the next regular pass, not on every wake-up.
+                        state = self._states[key]
+                        state.retry_at = max(state.retry_at, now + self.config.interval)
         for key in set(self._states) - seen:
             state = self._states.pop(key)
             if state.pending is not None:
                 log.warning(
                     "token Secret %s was deleted before its refreshed token was written", key
                 )
-            with contextlib.suppress(KeyError):  # it may never have had an expiry
-                self._metrics.time_to_expiry.remove(key)
+            self._metrics.expiries.remove(key)
         self._export_states()
+        self._next_due = self._earliest_due() if self._leading() else None
+
+    def next_due(self) -> float | None:
+        """Seconds until the next Secret is due (the run loop wakes then), None:
+        none is, or this replica does not lead (the interval stays the safety
+        net). Without it a refresh waited for the next pass: up to an interval
+        late, past the end of a short-lived refresh token."""
+        return None if self._next_due is None else self._next_due - self._clock()
+
+    def _earliest_due(self) -> float | None:
+        times = []
+        for state in self._states.values():
+            if state.pending is not None:
+                times.append(state.retry_at)  # the write is retried first
+            elif state.token is not None and state.digest != state.final_digest:
+                blocked = self._unreachable.get(state.token_url, 0.0)
+                times.append(max(state.due, state.retry_at, blocked))
+        return min(times, default=None)
 
     def _leading(self) -> bool:
         if self._elector is None:
@@ -284,11 +309,10 @@ class Controller:
             return
         token = state.token
         assert token is not None and state.secret is not None
-        if token.expires_at is not None:
-            self._metrics.time_to_expiry.labels(key).set(token.expires_at - now)
+        self._metrics.expiries.set(key, token, now)
         if now < state.due or now < state.retry_at:
             return
-        if state.token_url in self._unreachable:
+        if self._unreachable.get(state.token_url, 0.0) > now:
             return  # another Secret of this IdP just timed out: not N timeouts per pass
         # Checked before every IdP call, not once per pass: a pass may take a while.
         if not self._leading():
@@ -399,7 +423,7 @@ class Controller:
             # From the failure, not the attempt: a timeout took a while already.
             state.retry_at = self._clock() + delay
             if err.kind in ("timeout", "connection"):
-                self._unreachable.add(state.token_url)
+                self._unreachable[state.token_url] = state.retry_at
             self._metrics.refreshes.labels(err.kind).inc()
             left = token.lifetime(now)
             log.warning(
@@ -421,6 +445,7 @@ class Controller:
                 )
             return
         self._metrics.refreshes.labels("ok").inc()
+        self._unreachable.pop(state.token_url, None)
         state.pending, state.pending_from = new, token.refresh_token
         state.retry_at = 0.0
         self._persist(key, secret, state, now)
@@ -477,8 +502,7 @@ class Controller:
             min_interval=self.config.idp.min_refresh_interval,
             rng=self._rng,
         )
-        if new.expires_at is not None:
-            self._metrics.time_to_expiry.labels(key).set(new.expires_at - now)
+        self._metrics.expiries.set(key, new, now)
         log.info(
             "token Secret %s refreshed; expires in %s, next refresh at %s",
             key,

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from agents.token_refresher.config import OFFLINE_IDLE
 from agents.token_refresher.inject import InjectError, write_file
 from agents.token_refresher.metrics import RefresherMetrics
 from agents.token_refresher.oauth import (
@@ -52,6 +53,8 @@ class LocalConfig:
     """Refresh a token without expiry at least this often, so offline refresh
     tokens do not idle out."""
     min_refresh_interval: float = 10.0
+    offline_idle: float = OFFLINE_IDLE
+    """Keycloak's Offline Session Idle: for the offline token's metric."""
 
 
 @dataclass
@@ -91,6 +94,17 @@ class LocalRefresher:
     def token(self) -> Token | None:
         return self._state.token
 
+    def next_due(self) -> float | None:
+        """Seconds until the next refresh (or retry) is due; None: none is.
+
+        The run loop wakes then: a pass every --interval (30 s) alone let a
+        token that lives less than that lapse before its refresh.
+        """
+        state = self._state
+        if state.token is None or state.digest == state.final_digest:
+            return None
+        return max(state.due, state.retry_at) - self._clock()
+
     def tick(self) -> None:
         state, now = self._state, self._clock()
         try:
@@ -117,8 +131,7 @@ class LocalRefresher:
         if now >= state.due and now >= state.retry_at:
             current = self._refresh_now(current, digest, now) or current
         self._write_output(current)
-        if current.expires_at is not None:
-            self._metrics.time_to_expiry.labels(self.name).set(current.expires_at - now)
+        self._metrics.expiries.set(self.name, current, now)
 
     def _adopt(self, token: Token, digest: bytes, now: float) -> None:
         state = self._state

@@ -6,7 +6,15 @@ the injector writes files, local mode does both on one node.
 
 from __future__ import annotations
 
+import contextlib
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from agents.token_refresher.config import OFFLINE_IDLE
+
+if TYPE_CHECKING:  # oauth imports requests: the injector does without
+    from agents.token_refresher.oauth import Token
 
 PREFIX = "token_refresher"
 
@@ -32,6 +40,46 @@ def _time_to_expiry(registry: CollectorRegistry) -> Gauge:
         ["token"],
         registry=registry,
     )
+
+
+class Expiries:
+    """The two expiries of each token: the access token's and the chain's."""
+
+    def __init__(self, registry: CollectorRegistry, offline_idle: float) -> None:
+        self.offline_idle = offline_idle
+        self.access = _time_to_expiry(registry)
+        self.refresh = Gauge(
+            f"{PREFIX}_refresh_token_time_to_expiry_seconds",
+            "Seconds until the refresh token expires and the chain of refreshes "
+            "ends (Keycloak's refresh_expires_in); offline tokens (refresh_expires_in "
+            "0) end once unused for the Offline Session Idle, counted from their last "
+            'refresh (offline="true").',
+            ["token", "offline"],
+            registry=registry,
+        )
+
+    def set(self, name: str, token: Token, now: float) -> None:
+        if token.expires_at is not None:
+            self.access.labels(name).set(token.expires_at - now)
+        left = token.refresh_lifetime(now, self.offline_idle)
+        offline = "true" if token.offline else "false"
+        # One series per token: drop the other kind's after a new login.
+        with contextlib.suppress(KeyError):
+            self.refresh.remove(name, "false" if token.offline else "true")
+        if left is None:
+            with contextlib.suppress(KeyError):
+                self.refresh.remove(name, offline)
+        else:
+            self.refresh.labels(name, offline).set(left)
+
+    def remove(self, name: str) -> None:
+        for gauge, labels in (
+            (self.access, [(name,)]),
+            (self.refresh, [(name, "true"), (name, "false")]),
+        ):
+            for values in labels:
+                with contextlib.suppress(KeyError):  # it may never have had one
+                    gauge.remove(*values)
 
 
 def _files_written(registry: CollectorRegistry) -> Counter:
@@ -63,17 +111,17 @@ def _api_calls(registry: CollectorRegistry) -> Counter:
 class RefresherMetrics:
     """Local mode: refreshes one token file and writes one output file."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, offline_idle: float = OFFLINE_IDLE) -> None:
         self.refreshes = _refreshes(registry)
-        self.time_to_expiry = _time_to_expiry(registry)
+        self.expiries = Expiries(registry, offline_idle)
         self.files_written = _files_written(registry)
         self.injection_failures = _injection_failures(registry)
 
 
 class ControllerMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, offline_idle: float = OFFLINE_IDLE) -> None:
         self.refreshes = _refreshes(registry)
-        self.time_to_expiry = _time_to_expiry(registry)
+        self.expiries = Expiries(registry, offline_idle)
         self.api_calls = _api_calls(registry)
         self.leader = Gauge(
             f"{PREFIX}_leader",

@@ -85,6 +85,8 @@ _OWN_KEYS: Final = frozenset(
         "expires_in",
         "expires_at",
         "issued_at",
+        "refresh_expires_in",
+        "refresh_expires_at",
     }
 )
 _HEADERS: Final = {
@@ -148,6 +150,13 @@ class Token:
     issued_at: float | None = None
     """When the IdP issued it, as far as we know; anchors `refresh_due` so that
     a restarted controller lands on the same share of the lifetime."""
+    refresh_expires_at: float | None = None
+    """When the refresh token expires (Keycloak's `refresh_expires_in`); None:
+    unknown, or no fixed expiry (`offline`)."""
+    offline: bool = False
+    """The IdP said `refresh_expires_in: 0`: Keycloak's offline token, with no
+    fixed expiry; it still ends once unused for the realm's Offline Session
+    Idle (30 days by default)."""
     token_type: str = "Bearer"
     scope: str = ""
     extra: dict[str, Any] = field(default_factory=dict, hash=False)
@@ -189,19 +198,30 @@ class Token:
         expires_in = _seconds(data, "expires_in")
         expires_at = _seconds(data, "expires_at")
         issued_at = _seconds(data, "issued_at")
+        refresh_expires_in = _seconds(data, "refresh_expires_in")
+        refresh_expires_at = _seconds(data, "refresh_expires_at")
         if not stored:
             # A token response: issued now; expires_in is the standard field,
             # a non-standard expires_at counts only when it is all there is.
             issued_at = now
             if expires_in is not None:
                 expires_at = now + expires_in
+            if refresh_expires_in is not None:
+                refresh_expires_at = None
         elif expires_at is None and expires_in is not None:
             expires_at, issued_at = now + expires_in, now
+        # The absolute refresh expiry (what to_json writes) wins; else Keycloak's
+        # relative one, where 0 means an offline token with no fixed expiry.
+        offline = refresh_expires_at is None and refresh_expires_in == 0
+        if refresh_expires_at is None and refresh_expires_in:
+            refresh_expires_at = now + refresh_expires_in
         return cls(
             access_token=access_token,
             refresh_token=refresh_token,
             expires_at=expires_at,
             issued_at=issued_at,
+            refresh_expires_at=refresh_expires_at,
+            offline=offline,
             token_type=token_type,
             scope=_scope(data.get("scope")),
             extra={k: v for k, v in data.items() if k not in _OWN_KEYS},
@@ -224,12 +244,27 @@ class Token:
             data["scope"] = self.scope
         if self.issued_at is not None:
             data["issued_at"] = math.floor(self.issued_at)
+        if self.refresh_expires_at is not None:
+            data["refresh_expires_in"] = max(0, math.floor(self.refresh_expires_at - now))
+            data["refresh_expires_at"] = math.floor(self.refresh_expires_at)
+        elif self.offline:
+            data["refresh_expires_in"] = 0
         data.update((k, v) for k, v in self.extra.items() if k not in _OWN_KEYS)
         return json.dumps(data, separators=(",", ":"))
 
     def lifetime(self, now: float) -> float | None:
         """Seconds until the access token expires (negative: expired); None: unknown."""
         return None if self.expires_at is None else self.expires_at - now
+
+    def refresh_lifetime(self, now: float, offline_idle: float) -> float | None:
+        """Seconds until the refresh token, and so the chain, expires; None:
+        unknown. An offline token ends once unused for `offline_idle` seconds
+        (Keycloak's Offline Session Idle): counted from its last refresh."""
+        if self.refresh_expires_at is not None:
+            return self.refresh_expires_at - now
+        if self.offline and self.issued_at is not None:
+            return self.issued_at + offline_idle - now
+        return None
 
     def expired(self, now: float) -> bool:
         """True once the access token is past its expiry (unknown expiry: never)."""
@@ -253,6 +288,9 @@ class Token:
         not on every tick. A token without an expiry is refreshed after about
         `idle_window` seconds anyway, so its refresh token never idles out
         (Keycloak ends idle sessions, offline ones after 30 days by default).
+        The lifetime ends at the earlier of the two expiries, the access
+        token's and the refresh token's: a refresh token that dies first (a
+        Keycloak session's idle or max end) would break the chain.
         Never sooner than `min_interval` after `issued_at`: an IdP answering
         `expires_in: 0` must not get a refresh loop.
         """
@@ -268,12 +306,14 @@ class Token:
         if idle_window <= 0:
             raise ValueError(f"idle_window must be > 0, got {idle_window}")
         jitter = (rng or _RNG).uniform(-jitter_fraction, jitter_fraction)
-        if self.expires_at is None:
+        ends = [t for t in (self.expires_at, self.refresh_expires_at) if t is not None]
+        if not ends:
             start = now if self.issued_at is None else self.issued_at
             return start + idle_window * (1.0 + jitter)
-        if self.issued_at is None or self.issued_at > self.expires_at:
-            return now + max(0.0, self.expires_at - now) * (fraction + jitter)
-        due = self.issued_at + (self.expires_at - self.issued_at) * (fraction + jitter)
+        end = min(ends)
+        if self.issued_at is None or self.issued_at > end:
+            return now + max(0.0, end - now) * (fraction + jitter)
+        due = self.issued_at + (end - self.issued_at) * (fraction + jitter)
         return max(due, self.issued_at + min_interval)
 
     def __repr__(self) -> str:
@@ -281,6 +321,7 @@ class Token:
             f"Token(access_token=<redacted>, "
             f"refresh_token={'<redacted>' if self.refresh_token else '<none>'}, "
             f"expires_at={self.expires_at!r}, issued_at={self.issued_at!r}, "
+            f"refresh_expires_at={self.refresh_expires_at!r}, offline={self.offline!r}, "
             f"token_type={self.token_type!r}, scope={self.scope!r}, "
             f"extra_keys={sorted(self.extra)!r})"
         )
@@ -475,8 +516,13 @@ def refresh(
             ) from err
         if not new.refresh_token:
             # RFC 6749 section 6: the server MAY issue a new refresh token;
-            # without one the old one stays valid.
+            # without one the old one stays valid (and keeps its expiry,
+            # unless the answer gave one).
             new = replace(new, refresh_token=token.refresh_token)
+            if "refresh_expires_in" not in data and "refresh_expires_at" not in data:
+                new = replace(
+                    new, refresh_expires_at=token.refresh_expires_at, offline=token.offline
+                )
         return new
     if 400 <= status < 500:
         raise RetryableError(

@@ -155,6 +155,67 @@ def test_a_chain_of_refreshes_never_breaks_and_each_rotation_is_persisted_before
         assert secret not in ours
 
 
+def test_refreshes_start_when_due_not_at_the_next_pass(
+    kube: FakeKube, idp: TestIdP, tmp_path: Path
+) -> None:
+    """Issue 9: with passes 30 s apart, 2 s tokens are still refreshed in a
+    chain: the wait ends at the earliest due time, the interval is the safety net."""
+    args = argv(kube, idp, tmp_path)
+    args[args.index("--interval") + 1] = "30"
+    with AgentThread(main, args) as agent:
+        leading(agent)
+        kube.put(token_secret(idp))
+        wait_for(lambda: agent.value("token_refresher_refreshes_total", {"result": "ok"}) >= 4, 15)
+        assert agent.value("token_refresher_refreshes_total", {"result": "invalid_grant"}) == 0
+
+
+def test_a_refresh_token_that_expires_before_the_access_token_sets_the_schedule(
+    kube: FakeKube, tmp_path: Path
+) -> None:
+    """Issue 9: Keycloak's refresh_expires_in. 60 s access tokens whose refresh
+    tokens live 6 s: refreshed at ~80 % of 6 s, not of 60 s (where the chain
+    would long be dead); both expiries stored and exported."""
+    with TestIdP(tls=True, lifetime=60, workdir=tmp_path / "idp") as idp:
+        idp.refresh_lifetime = 6
+        with AgentThread(main, argv(kube, idp, tmp_path)) as agent:
+            leading(agent)
+            secret = token_secret(idp, token=json.loads(idp.issue()))
+            kube.put(secret)
+            # Three refreshes in well under one access-token lifetime: each
+            # one came before its refresh token's 6 s were up.
+            wait_for(
+                lambda: agent.value("token_refresher_refreshes_total", {"result": "ok"}) >= 3, 25
+            )
+            assert agent.value("token_refresher_refreshes_total", {"result": "invalid_grant"}) == 0
+            stored = stored_token(kube)
+            now = time.time()
+            assert now < stored["refresh_expires_at"] <= now + 6
+            assert stored["expires_at"] > now + 40
+            left = agent.value(
+                "token_refresher_refresh_token_time_to_expiry_seconds",
+                {"token": "default/hello-token", "offline": "false"},
+            )
+            assert 0 < left <= 6
+
+
+def test_an_offline_tokens_chain_life_is_exported_from_its_last_refresh(
+    kube: FakeKube, idp: TestIdP, tmp_path: Path
+) -> None:
+    idp.refresh_lifetime = 0  # Keycloak's offline_access: no fixed expiry
+    args = argv(kube, idp, tmp_path, "--offline-idle-timeout", "1000")
+    with AgentThread(main, args) as agent:
+        leading(agent)
+        kube.put(token_secret(idp, token=json.loads(idp.issue())))
+        wait_for(lambda: agent.value("token_refresher_refreshes_total", {"result": "ok"}) >= 1, 10)
+        assert stored_token(kube)["refresh_expires_in"] == 0
+        assert "refresh_expires_at" not in stored_token(kube)
+        left = agent.value(
+            "token_refresher_refresh_token_time_to_expiry_seconds",
+            {"token": "default/hello-token", "offline": "true"},
+        )
+        assert 990 < left <= 1001
+
+
 def test_a_stale_resource_version_is_retried_without_losing_a_rotation(
     kube: FakeKube, idp: TestIdP, tmp_path: Path
 ) -> None:

@@ -230,3 +230,23 @@ def test_once_refreshes_and_writes(idp: TestIdP, tmp_path: Path) -> None:
     assert after["access_token"] != before
     assert (tmp_path / "out" / "oauthtk_1000").read_bytes() == after["access_token"].encode()
     assert os.stat(tmp_path / "out" / "oauthtk_1000").st_uid == 1000
+
+
+def test_a_token_shorter_lived_than_the_interval_is_refreshed_when_due_not_at_the_next_pass(
+    tmp_path: Path,
+) -> None:
+    """Issue 9: passes every 30 s (the default) and 4 s tokens. The wait ends
+    at the refresh's due time; before, no refresh came in 14 s."""
+    with TestIdP(tls=True, lifetime=4, workdir=tmp_path / "idp") as idp:
+        (tmp_path / "out").mkdir()
+        token_file = tmp_path / "token.json"
+        token_file.write_text(idp.issue())  # the IdP's answer as it came: expires_in 4
+        args = argv(idp, tmp_path, token_file, "--min-refresh-interval", "1")
+        assert "--interval" not in args
+        with AgentThread(main, args) as agent:
+            wait_for(
+                lambda: agent.value("token_refresher_refreshes_total", {"result": "ok"}) >= 3, 14
+            )
+            assert agent.value("token_refresher_refreshes_total", {"result": "invalid_grant"}) == 0
+            left = agent.value("token_refresher_time_to_expiry_seconds", {"token": "token.json"})
+            assert left > 0

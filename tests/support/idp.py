@@ -21,6 +21,9 @@ Changed from stock Canaille, and why:
 - `expires_in` is `lifetime` for every grant. Canaille keeps a refresh token
   only as long as the access token issued with it (`is_refresh_token_active`
   checks the access token's lifetime): a short `lifetime` also kills the chain;
+- with `refresh_lifetime` set, answers carry Keycloak's `refresh_expires_in`
+  and a refresh token older than that is refused (0: an offline token, no
+  fixed expiry; it still dies with its access token, as above);
 - the Host header is set to SERVER_NAME, as a reverse proxy would: Canaille
   refuses POSTs addressed to another host, and two listeners have two ports.
 
@@ -303,6 +306,11 @@ class TestIdP:
         token lives, see the module docstring)."""
         self.rotate = True
         """True: a new refresh token per refresh, the old one revoked."""
+        self.refresh_lifetime: int | None = None
+        """None: no `refresh_expires_in` (Canaille's own answers). Else every
+        answer says `refresh_expires_in: <this>`, as Keycloak does, and a
+        refresh token older than that gets invalid_grant; keep it below
+        `lifetime` (0: offline, no fixed expiry)."""
         self.calls: list[TokenCall] = []
         self.ca: ThrowawayCA | None = None
         self.client_id = "node-agents-test"
@@ -437,6 +445,14 @@ class TestIdP:
                 if idp.rotate:
                     super().revoke_old_credential(credential)
 
+            def authenticate_refresh_token(self, refresh_token: str) -> Any:
+                credential = super().authenticate_refresh_token(refresh_token)
+                if credential is not None and idp.refresh_lifetime:
+                    ends = credential.issue_date + timedelta(seconds=idp.refresh_lifetime)
+                    if ends < datetime.now(UTC):
+                        return None  # authlib answers invalid_grant
+                return credential
+
         authorization._token_grants = [
             (SwitchableRefreshTokenGrant if cls is RefreshTokenGrant else cls, extensions)
             for cls, extensions in authorization._token_grants
@@ -444,6 +460,15 @@ class TestIdP:
         generator = authorization._token_generators["default"]
         generator.access_token_generator = lambda **_: secrets.token_urlsafe(32)
         generator.expires_generator = lambda client, grant_type: idp.lifetime
+        generate = type(generator).generate.__get__(generator)  # the class's, not a wrapper
+
+        def keycloak_like(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            token: dict[str, Any] = generate(*args, **kwargs)
+            if idp.refresh_lifetime is not None and "refresh_token" in token:
+                token["refresh_expires_in"] = idp.refresh_lifetime
+            return token
+
+        generator.generate = keycloak_like
 
     def stop(self) -> None:
         # Servers and the threads serving them were started in the same order;

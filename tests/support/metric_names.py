@@ -107,7 +107,8 @@ def _token_local() -> CollectorRegistry:
     registry = CollectorRegistry()
     LoopMetrics(registry, token_metrics.PREFIX, "0.0.0-test")
     metrics = token_metrics.RefresherMetrics(registry)
-    metrics.time_to_expiry.labels("token.json").set(900)
+    metrics.expiries.access.labels("token.json").set(900)
+    metrics.expiries.refresh.labels("token.json", "true").set(30 * 86400)
     metrics.injection_failures.labels("token_file").inc()
     return registry
 
@@ -116,7 +117,8 @@ def _token_controller() -> CollectorRegistry:
     registry = CollectorRegistry()
     LoopMetrics(registry, token_metrics.PREFIX, "0.0.0-test")
     metrics = token_metrics.ControllerMetrics(registry)
-    metrics.time_to_expiry.labels("users/alice-token").set(900)
+    metrics.expiries.access.labels("users/alice-token").set(900)
+    metrics.expiries.refresh.labels("users/alice-token", "false").set(1800)
     metrics.api_call("update", "secrets")
     metrics.token_secrets.labels("stopped").set(1)
     return registry

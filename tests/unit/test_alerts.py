@@ -337,6 +337,39 @@ CASES = [
         ("8m",),
     ),
     Case(
+        "TokenRefresherOfflineTokenLapsing",
+        "refreshes stopped weeks ago: six days left and falling",
+        {
+            s(
+                "token_refresher_refresh_token_time_to_expiry_seconds",
+                CONTROLLER,
+                token="users/alice",
+                offline="true",
+            ): "518400-60x90",
+        },
+        ("80m",),
+        (Firing(keep(CONTROLLER, "namespace", "job", token="users/alice"), 518400 - 80 * 60),),
+    ),
+    Case(
+        "TokenRefresherOfflineTokenLapsing",
+        "refreshed every few minutes: 30 days left",
+        {
+            s(
+                "token_refresher_refresh_token_time_to_expiry_seconds",
+                CONTROLLER,
+                token="users/alice",
+                offline="true",
+            ): "2592000x90",
+            s(
+                "token_refresher_refresh_token_time_to_expiry_seconds",
+                CONTROLLER,
+                token="users/bob",
+                offline="false",
+            ): "3600x90",
+        },
+        ("80m",),
+    ),
+    Case(
         "TokenRefresherSecretsStopped",
         "invalid_grant: the refresh token was revoked",
         {

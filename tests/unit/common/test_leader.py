@@ -86,6 +86,16 @@ def test_a_live_holder_keeps_it_and_a_silent_one_is_replaced_after_the_duration(
     assert not a.try_acquire_or_renew()
 
 
+def test_on_leading_is_called_once_per_takeover_not_per_renewal(kube: FakeKube, api: Any) -> None:
+    clock = Clock()
+    became: list[str] = []
+    a = elector(api, "a", clock, on_leading=lambda: became.append("a"))
+    assert a.try_acquire_or_renew()
+    clock.now += 2
+    assert a.try_acquire_or_renew()
+    assert became == ["a"]
+
+
 def test_holds_counts_from_the_last_successful_renewal(kube: FakeKube, api: Any) -> None:
     clock = Clock()
     a = elector(api, "a", clock)

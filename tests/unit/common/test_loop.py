@@ -265,6 +265,73 @@ def test_wake_after_min_gap_has_passed_ticks_at_once() -> None:
     assert starts[1] - woken[0] < 0.2
 
 
+def test_next_due_ends_the_wait_before_the_interval() -> None:
+    # A token living 4 s must not wait for a 30 s pass (issue 9).
+    stop = threading.Event()
+    starts: list[float] = []
+
+    def tick() -> None:
+        starts.append(time.monotonic())
+
+    loop = LoopThread(
+        lambda: run_loop(tick, interval=30.0, stop=stop, next_due=lambda: 0.3, iterations=3)
+    ).start()
+    try:
+        assert loop.join(3.0), "next_due did not end the wait"
+    finally:
+        stop.set()
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert len(gaps) == 2 and all(0.3 <= gap < 1.0 for gap in gaps), gaps
+
+
+def test_next_due_later_than_the_interval_leaves_the_interval() -> None:
+    stop = threading.Event()
+    starts: list[float] = []
+
+    def tick() -> None:
+        starts.append(time.monotonic())
+
+    loop = LoopThread(
+        lambda: run_loop(
+            tick, interval=0.2, jitter=0.0, stop=stop, next_due=lambda: 60.0, iterations=2
+        )
+    ).start()
+    try:
+        assert loop.join(3.0)
+    finally:
+        stop.set()
+    assert 0.2 <= starts[1] - starts[0] < 1.0
+
+
+def test_work_that_stays_due_waits_min_gap_and_a_failed_tick_the_interval() -> None:
+    stop = threading.Event()
+    starts: list[float] = []
+
+    def tick() -> None:
+        starts.append(time.monotonic())
+        if len(starts) == 2:
+            raise RuntimeError("boom")
+
+    loop = LoopThread(
+        lambda: run_loop(
+            tick,
+            interval=0.8,
+            jitter=0.0,
+            stop=stop,
+            min_gap=0.2,
+            next_due=lambda: -5.0,  # overdue: the agent could not do it
+            iterations=3,
+        )
+    ).start()
+    try:
+        assert loop.join(3.0)
+    finally:
+        stop.set()
+    first, second = (b - a for a, b in itertools.pairwise(starts))
+    assert 0.2 <= first < 0.6, first  # min_gap, not a spin
+    assert second >= 0.8, second  # after a failed tick: the interval
+
+
 # --- heartbeat --------------------------------------------------------------------
 
 

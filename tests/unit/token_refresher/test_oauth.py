@@ -103,9 +103,11 @@ def idp(idp_server: TestIdP) -> Iterator[TestIdP]:
     """The module's IdP, rotating refresh tokens, one-hour tokens."""
     idp_server.rotate = True
     idp_server.lifetime = 3600
+    idp_server.refresh_lifetime = None
     yield idp_server
     idp_server.rotate = True
     idp_server.lifetime = 3600
+    idp_server.refresh_lifetime = None
 
 
 @pytest.fixture(autouse=True)
@@ -224,8 +226,9 @@ def test_the_seed_tools_keycloak_json_parses() -> None:
     assert token.lifetime(NOW + 199) == 1000
     assert not token.expired(NOW + 1198)
     assert token.expired(NOW + 1199)
+    # refresh_expires_in 0: Keycloak's offline token, no fixed refresh expiry.
+    assert token.offline and token.refresh_expires_at is None
     assert token.extra == {
-        "refresh_expires_in": 0,
         "not-before-policy": 1643110683,
         "session_state": "5d5e8bc2-6557-4453-9ba2-8ed99be6c898",
     }
@@ -248,6 +251,39 @@ def test_stored_json_keeps_absolute_expiry_and_a_consistent_expires_in() -> None
         "access_token": "a",
         "token_type": "Bearer",
     }
+
+
+def test_keycloaks_refresh_expiry_is_stored_absolute_and_read_back() -> None:
+    answer = (
+        '{"access_token": "a", "refresh_token": "r", "expires_in": 300, "refresh_expires_in": 1800}'
+    )
+    token = Token.from_json(answer, NOW)
+    assert token.refresh_expires_at == NOW + 1800 and not token.offline
+
+    stored = json.loads(token.to_json(now=NOW + 100.5))
+
+    assert stored["refresh_expires_at"] == int(NOW + 1800)
+    assert stored["refresh_expires_in"] == 1699  # rounded down, as expires_in
+    # Read back much later: the absolute time wins over the stale relative one.
+    again = Token.from_json(json.dumps(stored), NOW + 5000)
+    assert again.refresh_expires_at == int(NOW + 1800) and not again.offline
+    assert again.refresh_lifetime(NOW + 1000, offline_idle=99) == int(NOW + 1800) - NOW - 1000
+    # An offline token stays one, and its chain ends once unused for the idle time.
+    offline = Token.from_json(Token.from_json(KEYCLOAK_SEED, NOW).to_json(NOW), NOW + 60)
+    assert offline.offline and offline.refresh_lifetime(NOW + 10, offline_idle=1000) == 990
+    assert Token("a", "r").refresh_lifetime(NOW, offline_idle=1000) is None
+
+
+def test_refresh_is_due_before_the_earlier_of_the_two_expiries() -> None:
+    # The access token lives 30 s, its refresh token 3 s: refresh at ~80 % of 3 s.
+    token = Token("a", "r", expires_at=NOW + 30, issued_at=NOW, refresh_expires_at=NOW + 3)
+    assert token.refresh_due(NOW, jitter_fraction=0, min_interval=0) == NOW + 2.4
+    # A refresh token that outlives the access token changes nothing.
+    longer = Token("a", "r", expires_at=NOW + 1000, issued_at=NOW, refresh_expires_at=NOW + 1800)
+    assert longer.refresh_due(NOW, jitter_fraction=0) == NOW + 800
+    # Only a refresh expiry known: that is the lifetime.
+    only = Token("a", "r", issued_at=NOW, refresh_expires_at=NOW + 100)
+    assert only.refresh_due(NOW, jitter_fraction=0) == NOW + 80
 
 
 def test_expires_at_wins_over_expires_in_in_stored_json() -> None:
@@ -496,6 +532,31 @@ def test_without_rotation_the_old_refresh_token_is_kept(idp: TestIdP) -> None:
     assert first.refresh_token == second.refresh_token == token.refresh_token
     assert first.access_token != second.access_token
     assert idp.access_token_works(second.access_token)
+
+
+def test_a_keycloak_like_answer_gives_the_refresh_tokens_expiry(idp: TestIdP) -> None:
+    idp.refresh_lifetime = 1800
+    token = Token.from_json(idp.issue(), time.time())
+    sent = time.time()
+
+    new = refresh(idp.token_url, token, idp.client_id, idp.client_secret, verify=idp.verify)
+
+    assert new.refresh_expires_at is not None and not new.offline
+    assert sent + 1800 <= new.refresh_expires_at <= time.time() + 1800
+    idp.refresh_lifetime = 0  # offline_access
+    offline = refresh(idp.token_url, new, idp.client_id, idp.client_secret, verify=idp.verify)
+    assert offline.offline and offline.refresh_expires_at is None
+
+
+def test_without_rotation_or_a_new_expiry_the_refresh_tokens_expiry_is_kept(
+    stub: StubTokenEndpoint,
+) -> None:
+    stub.answer(200, {"access_token": "new-at", "expires_in": 60})
+    old = Token("old-at", "old-rt", expires_at=NOW, refresh_expires_at=NOW + 500)
+
+    new = refresh(stub.url, old, "c", "s", allow_http=True)
+
+    assert new.refresh_token == "old-rt" and new.refresh_expires_at == NOW + 500
 
 
 def test_a_token_without_refresh_token_is_final_without_a_request(idp: TestIdP) -> None:
