@@ -104,15 +104,36 @@ def _statx_mount(fd: int) -> tuple[int, str]:
     buf = (ctypes.c_uint8 * 256)()
     try:
         statx = _libc().statx
-    except AttributeError as err:  # glibc before 2.28
-        raise PinError(errno.ENOSYS, "libc has no statx") from err
+    except AttributeError:  # glibc before 2.28
+        return fdinfo_mount(fd)
     flags = AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW | AT_STATX_DONT_SYNC
     if statx(fd, b"", flags, STATX_MNT_ID, buf) != 0:
         code = ctypes.get_errno()
         raise PinError(code, f"statx of a pinned mount point: {os.strerror(code)}")
     raw = bytes(buf)
     if not int.from_bytes(raw[0:4], "little") & STATX_MNT_ID:
-        raise PinError(errno.ENOSYS, "the kernel reports no mount ID (statx, Linux 5.8+)")
+        return fdinfo_mount(fd)  # kernels before 5.8 (RHEL 8's 4.18)
     major = int.from_bytes(raw[136:140], "little")
     minor = int.from_bytes(raw[140:144], "little")
     return int.from_bytes(raw[144:152], "little"), f"{major}:{minor}"
+
+
+def fdinfo_mount(fd: int, proc_root: str = "/proc") -> tuple[int, str]:
+    """Mount ID and device of a descriptor without statx's STATX_MNT_ID.
+
+    `/proc/self/fdinfo/N` has said `mnt_id:` since Linux 3.15; the device is
+    that mount's in mountinfo. Neither asks the filesystem (an fstat would ask
+    the FUSE daemon, which may be dead or hung).
+    """
+    try:
+        with open(f"{proc_root}/self/fdinfo/{fd}", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        mount_id = int(fields["mnt_id"])
+        with open(f"{proc_root}/self/mountinfo", "rb") as f:
+            for line in f.read().split(b"\n"):
+                parts = line.split(b" ", 3)
+                if len(parts) == 4 and parts[0] == str(mount_id).encode():
+                    return mount_id, parts[2].decode()
+    except (OSError, KeyError, ValueError) as err:
+        raise PinError(errno.ENOSYS, f"no mount ID for a pinned mount point: {err}") from err
+    raise PinError(errno.ENOENT, f"mount {mount_id} of a pinned mount point is not in mountinfo")

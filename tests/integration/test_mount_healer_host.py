@@ -22,7 +22,7 @@ from agents.mount_healer.healer import Action, Healer, Verdict
 from agents.mount_healer.metrics import HealerMetrics
 from agents.mount_healer.mountinfo import MountinfoSource, MountTable, read_mount_table
 from agents.mount_healer.probe import Prober
-from agents.mount_healer.unmount import MNT_DETACH, pin_mount, umount2
+from agents.mount_healer.unmount import MNT_DETACH, fdinfo_mount, pin_mount, umount2
 from hack.autofs_world import force_unmount_under, make_image
 from tests.conftest import require_root_tools
 
@@ -101,6 +101,9 @@ def test_a_pinned_severed_mount_is_detached_through_its_descriptor(
     with pin_mount(str(target)) as pinned:
         # statx AT_STATX_DONT_SYNC: answered without the (dead) daemon.
         assert (pinned.mount_id, pinned.device) == (mount.mount_id, mount.device)
+        # Kernels before 5.8 have no STATX_MNT_ID: fdinfo + mountinfo say the same.
+        fd = int(pinned.path.rsplit("/", 1)[1])
+        assert fdinfo_mount(fd) == (mount.mount_id, mount.device)
         # The pin is a reference: a plain umount2 is EBUSY (propagate_mount_busy).
         with pytest.raises(OSError) as busy:
             umount2(pinned.path, 0)
