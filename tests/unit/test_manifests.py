@@ -372,12 +372,17 @@ def test_containerfile_command_is_a_console_script() -> None:
 
 
 def installed_extras() -> set[str]:
-    """The extras of the project that the Containerfile's `pip install .[...]` names."""
+    """The extras of the project that the Containerfile's `pip install .[...]` names, in a
+    RUN line or in an images/ script a RUN line runs (images/build-venv.sh: `"$src[...]"`)."""
+    runs = [args for keyword, args in containerfile_instructions() if keyword == "RUN"]
+    scripts = {word for args in runs for word in words(args) if word.startswith("images/")}
+    texts = runs + [(REPO / script).read_text(encoding="utf-8") for script in sorted(scripts)]
     extras: set[str] = set()
-    for keyword, args in containerfile_instructions():
-        if keyword == "RUN" and "pip install" in args:
-            for group in re.findall(r"(?<![\w/])\.\[([^\]]*)\]", args):
-                extras |= {e.strip() for e in group.split(",") if e.strip()}
+    for text in texts:
+        for line in text.splitlines():
+            if re.search(r"\bpip\b.*\binstall\b", line):
+                for group in re.findall(r"(?:(?<![\w/])\.|\$src|\$\{src\})\[([^\]]*)\]", line):
+                    extras |= {e.strip() for e in group.split(",") if e.strip()}
     return extras
 
 
@@ -395,6 +400,8 @@ def test_containerfile_base_image_is_pinned() -> None:
     froms = [words(a)[0] for keyword, a in instructions if keyword == "FROM"]
     assert froms, "no FROM"
     for ref in froms:
+        if ref == "scratch":
+            continue  # the empty image: nothing is pulled
         image = defaults.get(ref.removeprefix("${").removesuffix("}"), ref)
         name, _, tag = image.partition("@")[0].rpartition(":")
         # An explicit tag at least (a digest is better); never the moving `latest`.
