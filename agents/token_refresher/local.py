@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agents.token_refresher.inject import InjectError, write_file
+from agents.token_refresher.inject import InjectError, NoSuchDirectory, write_file
 from agents.token_refresher.metrics import RefresherMetrics
 from agents.token_refresher.oauth import (
     Backoff,
@@ -188,12 +188,32 @@ class LocalRefresher:
             self._metrics.injection_failures.labels("bad_template").inc()
             log.error("cannot render %s: %s", cfg.out, err)
             return
+        except NoSuchDirectory as err:
+            # The injector's wording ("in the container") means nothing here.
+            self._metrics.injection_failures.labels(err.reason).inc()
+            log.error("cannot write %s", out_directory_problem(cfg.out) or err)
+            return
         except InjectError as err:
             self._metrics.injection_failures.labels(err.reason).inc()
             log.error("cannot write %s: %s", cfg.out, err)
             return
         if result.written:
             self._metrics.files_written.inc()
+
+
+def out_directory_problem(out: str) -> str | None:
+    """Why `--out` cannot be written for want of its directory, in local-mode words; else None.
+
+    Reported, never created: an operator running this by hand as root would
+    otherwise get a root-owned directory from a typo, and the consumer (eosxd
+    looks for one fixed path) would never see the file.
+    """
+    parent = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(parent):
+        return None
+    if os.path.lexists(parent):
+        return f"--out {out}: {parent} is not a directory"
+    return f"--out {out}: directory {parent} does not exist (create it first)"
 
 
 def refresher_for(

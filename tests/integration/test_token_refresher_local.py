@@ -230,3 +230,90 @@ def test_once_refreshes_and_writes(idp: TestIdP, tmp_path: Path) -> None:
     assert after["access_token"] != before
     assert (tmp_path / "out" / "oauthtk_1000").read_bytes() == after["access_token"].encode()
     assert os.stat(tmp_path / "out" / "oauthtk_1000").st_uid == 1000
+
+
+def test_out_in_a_missing_directory_is_one_clear_error_and_nothing_is_created(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token_file = tmp_path / "token.json"
+    token_file.write_text(json.dumps({"access_token": "a", "refresh_token": "rt"}))
+    secret = tmp_path / "secret"
+    secret.write_text("s")
+    out = tmp_path / "typo" / "oauthtk_1000"
+    args = [
+        "local",
+        "--token-file",
+        str(token_file),
+        "--token-url",
+        "https://idp.example/token",
+        "--client-id",
+        "c",
+        "--client-secret-file",
+        str(secret),
+        "--out",
+        str(out),
+        "--once",
+    ]
+    assert main(args, environ={}) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"token-refresher: error: --out {out}: directory {out.parent} does not exist "
+        "(create it first)"
+    ]
+    # Reported, not created: a root-owned directory from a typo helps no one.
+    assert not out.parent.exists()
+
+
+def test_out_directory_removed_while_running_is_reported_in_local_words(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "out").mkdir()
+    token_file = tmp_path / "token.json"
+    now = time.time()
+    # Fresh for an hour: no IdP call, only the output file is at stake.
+    token_file.write_text(
+        json.dumps(
+            {"access_token": "a", "refresh_token": "rt", "expires_at": now + 3600, "issued_at": now}
+        )
+    )
+    secret = tmp_path / "secret"
+    secret.write_text("s")
+    out = tmp_path / "out" / "tok"
+    args = [
+        "local",
+        "--token-file",
+        str(token_file),
+        "--token-url",
+        "http://127.0.0.1:9/token",
+        "--allow-http",
+        "--client-id",
+        "c",
+        "--client-secret-file",
+        str(secret),
+        "--out",
+        str(out),
+        "--interval",
+        "0.05",
+        "--metrics-address",
+        "off",
+    ]
+    caplog.set_level(logging.INFO)
+    with AgentThread(main, args) as agent:
+        wait_for(out.exists, 5)
+        out.unlink()
+        out.parent.rmdir()
+        wait_for(
+            lambda: (
+                agent.value("token_refresher_injection_failures_total", {"reason": "no_directory"})
+                >= 1
+            ),
+            5,
+        )
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors
+    assert (
+        errors[0]
+        == f"cannot write --out {out}: directory {out.parent} does not exist (create it first)"
+    )
+    assert not any("container" in line for line in errors)
+    assert not out.parent.exists()
