@@ -26,6 +26,7 @@ from agents.token_refresher.oauth import (
     RetryableError,
     Token,
     TokenFormatError,
+    decode_token_json,
     refresh,
 )
 from agents.token_refresher.spec import SpecError, render
@@ -106,12 +107,20 @@ class LocalRefresher:
             return  # refreshing failed for good with this content; wait for a new one
         if digest != state.digest:
             try:
-                self._adopt(Token.from_json(text, now), digest, now)
+                data, stray = decode_token_json(text)
+                self._adopt(Token.from_object(data, now), digest, now)
             except TokenFormatError as err:
                 state.final_digest = digest
                 self._metrics.refreshes.labels("bad_token").inc()
                 log.error("token file %s: %s", self.config.token_file, err)
                 return
+            if stray:
+                log.warning(
+                    "token file %s: ignored %d stray '}' after the token JSON object; "
+                    "the next refresh rewrites the file without them",
+                    self.config.token_file,
+                    stray,
+                )
         current = state.token
         assert current is not None
         if now >= state.due and now >= state.retry_at:

@@ -319,6 +319,31 @@ def test_a_token_stored_by_the_cern_controller_is_refreshed_at_once_and_stored_a
     assert stored["scope"]  # other fields kept
 
 
+def test_the_blog_examples_stray_brace_is_ignored_with_one_event_and_dropped_on_refresh(
+    kube: FakeKube, idp: TestIdP, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The CERN blog's example Secret, copied as printed: `..."scope":"..."}}`."""
+    token = json.loads(idp.issue())  # relative expires_in, as the seed tool stores it
+    with AgentThread(main, argv(kube, idp, tmp_path)) as agent:
+        secret = token_secret(leading(agent) and idp, token=token)
+        secret["data"]["oauth"] = b64(json.dumps(token, separators=(",", ":")) + "}")
+        kube.put(secret)
+        wait_for(lambda: agent.value("token_refresher_refreshes_total", {"result": "ok"}) >= 1, 15)
+        wait_for(lambda: len(events(kube, "TokenJSONTrailingIgnored")) == 1, 5)
+        time.sleep(0.5)
+        assert len(events(kube, "TokenJSONTrailingIgnored")) == 1  # once, not every pass
+    (event,) = events(kube, "TokenJSONTrailingIgnored", "Secret")
+    assert event["type"] == "Warning" and "ignored 1 stray '}'" in event["message"]
+    assert "key oauth" in event["message"]
+    assert not events(kube, "InvalidTokenSecret")
+    stored = stored_token(kube)  # json.loads: the brace is gone
+    assert stored["refresh_token"] != token["refresh_token"] and "expires_at" in stored
+    assert status_of(kube, "hello-token") in (None, "ok")
+    lines = [r.getMessage() for r in caplog.records]
+    assert not [line for line in lines if token["access_token"] in line]
+    assert not [line for line in lines if token["refresh_token"] in line]
+
+
 def test_only_the_lease_holder_refreshes_and_a_standby_takes_over(
     kube: FakeKube, idp: TestIdP, tmp_path: Path
 ) -> None:

@@ -232,6 +232,23 @@ def test_once_refreshes_and_writes(idp: TestIdP, tmp_path: Path) -> None:
     assert os.stat(tmp_path / "out" / "oauthtk_1000").st_uid == 1000
 
 
+def test_a_stray_brace_after_the_token_file_is_ignored_with_a_warning_and_dropped(
+    idp: TestIdP, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "out").mkdir()
+    token_file = seed(idp, tmp_path, expires_in=0)
+    seeded = json.loads(token_file.read_text())
+    token_file.write_text(token_file.read_text() + "}\n")  # the CERN blog's copy-paste slip
+    caplog.set_level(logging.INFO)
+    assert main(argv(idp, tmp_path, token_file, "--once"), environ={}) == 0
+    after = json.loads(token_file.read_text())  # rewritten clean
+    assert after["refresh_token"] != seeded["refresh_token"]
+    assert (tmp_path / "out" / "oauthtk_1000").read_bytes() == after["access_token"].encode()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [w for w in warnings if "ignored 1 stray '}'" in w and str(token_file) in w]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 def test_out_in_a_missing_directory_is_one_clear_error_and_nothing_is_created(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
