@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,6 +52,11 @@ def load_api_client(kubeconfig: str | None = None, *, enabled: bool = True) -> A
         ) from err
     loaders: Any = kube_config  # its loaders are untyped
     configuration = client.Configuration()
+    # No urllib3 retries: they log a "Retrying" warning per attempt (3 per
+    # request while the API server is down) and multiply every request's
+    # deadline by 4. Every caller retries with backoff itself and reports an
+    # outage once (ApiReachability).
+    configuration.retries = False
     try:
         if kubeconfig:
             loaders.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
@@ -65,6 +73,84 @@ def load_api_client(kubeconfig: str | None = None, *, enabled: bool = True) -> A
         detail = " ".join(str(err).split()) or type(err).__name__
         raise KubeConfigError(f"cannot load Kubernetes config from {where}: {detail}") from err
     return client.ApiClient(configuration)
+
+
+def is_network_error(err: BaseException) -> bool:
+    """True for a request that got no answer (refused, timed out, connection cut)."""
+    import urllib3
+
+    if getattr(err, "status", None) is not None:
+        return False  # an ApiException: the server answered
+    return isinstance(err, OSError | urllib3.exceptions.HTTPError)
+
+
+class ApiReachability:
+    """One warning when the API server stops answering, one info line when it answers again.
+
+    Shared by everything using one ApiClient (watches, the Lease, Events): an
+    outage is one failure streak for the agent, not a line per request.
+    """
+
+    def __init__(self, server: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.server = server
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._down_since: float | None = None
+        self.failures = 0
+        """Requests that got no answer in the current streak."""
+
+    def failed(self, what: str, err: BaseException) -> bool:
+        """Record a failed request; True when it got no answer (reported here, once
+        per streak), False when the server answered (the caller reports it)."""
+        if not is_network_error(err):
+            if getattr(err, "status", None) is not None:
+                self.answered()  # an error status is an answer
+            return False
+        with self._lock:
+            first = self._down_since is None
+            if first:
+                self._down_since = self._clock()
+            self.failures += 1
+        if first:
+            detail = " ".join(str(err).split())[:300] or type(err).__name__
+            log.warning(
+                "Kubernetes API %s unreachable (%s: %s: %s); retrying with backoff, "
+                "silent until it answers again",
+                self.server,
+                what,
+                type(err).__name__,
+                detail,
+            )
+        else:
+            log.debug("Kubernetes API %s still unreachable (%s)", self.server, what)
+        return True
+
+    def answered(self) -> None:
+        """Any answer, error statuses included: the server is reachable."""
+        with self._lock:
+            since, failures = self._down_since, self.failures
+            self._down_since, self.failures = None, 0
+        if since is not None:
+            log.info(
+                "Kubernetes API %s answers again after %.0fs (%d requests failed)",
+                self.server,
+                self._clock() - since,
+                failures,
+            )
+
+
+_REACHABILITY: weakref.WeakKeyDictionary[Any, ApiReachability] = weakref.WeakKeyDictionary()
+_REACHABILITY_LOCK = threading.Lock()
+
+
+def reachability(api_client: Any) -> ApiReachability:
+    """The one ApiReachability of this ApiClient (made on first use)."""
+    with _REACHABILITY_LOCK:
+        found = _REACHABILITY.get(api_client)
+        if found is None:
+            host = getattr(getattr(api_client, "configuration", None), "host", "") or "server"
+            found = _REACHABILITY[api_client] = ApiReachability(host)
+        return found
 
 
 @dataclass(frozen=True)
@@ -95,6 +181,7 @@ class EventRecorder:
         self.component = component
         self.host = host
         self._clock = clock
+        self._reachability = reachability(api_client)
         self.failures = 0
 
     def emit(self, ref: ObjectRef, type_: str, reason: str, message: str) -> bool:
@@ -129,6 +216,8 @@ class EventRecorder:
             self._api.create_namespaced_event(namespace, body, _request_timeout=10)
         except Exception as err:
             self.failures += 1
-            log.warning("cannot post Event %s on %s/%s: %s", reason, ref.kind, ref.name, err)
+            if not self._reachability.failed("post an Event", err):
+                log.warning("cannot post Event %s on %s/%s: %s", reason, ref.kind, ref.name, err)
             return False
+        self._reachability.answered()
         return True

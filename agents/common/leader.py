@@ -30,6 +30,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from agents.common.kube import reachability
+
 log = logging.getLogger(__name__)
 
 OnApiCall = Callable[[str, str], None]
@@ -91,6 +93,7 @@ class LeaderElector:
         self._thread: threading.Thread | None = None
         self.transitions = 0  # times this replica became leader
         self.failures = 0
+        self._reachability = reachability(api_client)
 
     # -- queries (any thread)
 
@@ -135,6 +138,7 @@ class LeaderElector:
         now_mono, now = self._monotonic(), self._wall()
         try:
             lease = self._get(api)
+            self._reachability.answered()
             if lease is None:
                 self._write(api, "create", self._record(None, now))
                 return self._won(now_mono, "created")
@@ -158,6 +162,8 @@ class LeaderElector:
             status = getattr(err, "status", None)
             if status == CONFLICT:
                 return self._lost("another candidate wrote the Lease first (409)")
+            if self._reachability.failed(f"Lease {self.namespace}/{self.name}", err):
+                return self.is_leader()  # an outage: reported once, for the agent
             log.warning(
                 "leader election: Lease %s/%s: %s",
                 self.namespace,

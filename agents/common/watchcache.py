@@ -53,6 +53,8 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
+from agents.common.kube import is_network_error, reachability
+
 log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
@@ -177,6 +179,8 @@ class WatchCache:
         self._watch: Any = None  # the open Watch, for stop()
         self._thread: threading.Thread | None = None
         self._streak = 0  # consecutive failures
+        self._streak_is_outage = False  # its last failures got no answer: reported as an outage
+        self._reachability = reachability(api_client)
         self._gone_streak = 0  # consecutive 410s with no watch event in between
 
     # -- life cycle
@@ -449,9 +453,13 @@ class WatchCache:
         delay = self._backoff(self._streak)
         status = _status_of(err)
         what = f"HTTP {status}" if status else type(err).__name__
-        if self._streak == 1:
+        if self._reachability.failed(f"{step} of {self.what}", err):
+            self._streak_is_outage = True  # reported once, for the whole agent
+            log.debug("%s of %s failed (%s), next try in %.2fs", step, self.what, what, delay)
+        elif self._streak == 1 or self._streak_is_outage:
+            self._streak_is_outage = False
             # Unexpected error types get a traceback: they are likely our bugs.
-            expected = status is not None or _is_network_error(err)
+            expected = status is not None or is_network_error(err)
             log.warning(
                 "%s of %s failed (%s: %s); retrying with backoff",
                 step,
@@ -472,13 +480,14 @@ class WatchCache:
         self._stopping.wait(delay)
 
     def _succeeded(self) -> None:
-        if self._streak:
+        self._reachability.answered()
+        if self._streak and not self._streak_is_outage:
             log.info(
                 "watch of %s works again after %d failures",
                 self.what,
                 self._streak,
             )
-            self._streak = 0
+        self._streak, self._streak_is_outage = 0, False
 
 
 class NodePodCache(WatchCache):
@@ -517,12 +526,6 @@ def _diff(old: dict[str, Obj], new: dict[str, Obj]) -> list[tuple[str, Obj]]:
 
 def _rv(obj: Obj) -> Any:
     return (obj.get("metadata") or {}).get("resourceVersion")
-
-
-def _is_network_error(err: BaseException) -> bool:
-    import urllib3
-
-    return isinstance(err, OSError | urllib3.exceptions.HTTPError)
 
 
 def _describe(err: BaseException) -> str:

@@ -48,7 +48,12 @@ from agents.token_refresher.config import (
     InjectorConfig,
     LeaseConfig,
 )
-from agents.token_refresher.local import LocalConfig, LocalRefresher, refresher_for
+from agents.token_refresher.local import (
+    LocalConfig,
+    LocalRefresher,
+    out_directory_problem,
+    refresher_for,
+)
 from agents.token_refresher.metrics import (
     PREFIX,
     ControllerMetrics,
@@ -329,6 +334,8 @@ def main(
         if args.role == "local":
             check_token_url(args.token_url, allow_http=args.allow_http)
             client_secret = _read_secret(args.client_secret_file)
+            if problem := out_directory_problem(args.out):
+                raise ConfigError(problem)
         elif args.role == "controller":
             if args.token_url:
                 check_token_url(args.token_url, allow_http=args.allow_http)

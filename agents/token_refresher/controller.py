@@ -56,6 +56,7 @@ from agents.token_refresher.oauth import (
     Token,
     TokenFormatError,
     check_token_url,
+    decode_token_json,
 )
 from agents.token_refresher.spec import (
     OUR_PREFIX,
@@ -113,6 +114,9 @@ class _State:
     unreported: tuple[str, str, str] | None = None
     """(Event reason, message, status) to report once this replica leads:
     standbys parse too, but only the leader writes Events and annotations."""
+    notice: tuple[str, str] | None = None
+    """(Event reason, message) of a Warning about usable content, reported
+    once per content like `unreported`."""
     version: str = ""
     version_digest: bytes = b""
     """The resourceVersion last seen and its content digest."""
@@ -305,6 +309,10 @@ class Controller:
                 self._report(secret, reason, message, status=status)
             else:
                 self._set_status(secret, status)
+        if state.notice is not None and self._leading():
+            reason, message = state.notice
+            state.notice = None
+            self._event(secret, "Warning", reason, message)
         if digest == state.final_digest:
             return
         token = state.token
@@ -330,7 +338,7 @@ class Controller:
         state.digest = digest
         state.failures, state.retry_at = 0, 0.0
         try:
-            parsed, token, url, foreign = self._parse(secret, now)
+            parsed, token, url, foreign, stray = self._parse(secret, now)
         except _Unusable as err:
             state.final_digest = digest
             state.state = "invalid"
@@ -342,6 +350,15 @@ class Controller:
         status = ((secret.get("metadata") or {}).get("annotations") or {}).get(STATUS_ANNOTATION)
         # New content: an old complaint is moot (else nothing to say).
         state.unreported = ("", "", "ok") if status not in (None, "ok") else None
+        state.notice = None
+        if stray:
+            # Accepted, but the owner should fix the source they copied it from.
+            message = (
+                f"key {parsed.token_key}: ignored {stray} stray '}}' after the token JSON "
+                "object; the token is used, and the controller's next write of it drops them"
+            )
+            log.warning("token Secret %s: %s", key, message)
+            state.notice = ("TokenJSONTrailingIgnored", message)
         if foreign:
             # No absolute expiry: written by another tool (the seed's controller
             # stores the IdP's response as it came) at a time we cannot know.
@@ -357,14 +374,19 @@ class Controller:
             )
         log.debug("token Secret %s: next refresh at %s", key, _stamp(state.due))
 
-    def _parse(self, secret: dict[str, Any], now: float) -> tuple[TokenSecret, Token, str, bool]:
+    def _parse(
+        self, secret: dict[str, Any], now: float
+    ) -> tuple[TokenSecret, Token, str, bool, int]:
+        """The Secret's parts, its token URL, whether another tool wrote the
+        token (no absolute expiry), and the stray `}` ignored after its JSON."""
         try:
             parsed = parse_token_secret(secret)
         except SpecError as err:
             raise _Unusable("bad_secret", str(err)) from None
         try:
-            token = Token.from_json(parsed.token_json, now)
-            foreign = json.loads(parsed.token_json).get("expires_at") is None
+            data, stray = decode_token_json(parsed.token_json)
+            token = Token.from_object(data, now)
+            foreign = data.get("expires_at") is None
         except TokenFormatError as err:
             raise _Unusable("bad_token", f"key {parsed.token_key}: {err}") from None
         if not token.refresh_token:
@@ -386,7 +408,7 @@ class Controller:
                 "bad_token_url",
                 f"token URL {url} is not one of the allowed ones ({', '.join(allowed)})",
             )
-        return parsed, token, url, foreign
+        return parsed, token, url, foreign, stray
 
     def _refresh_secret(
         self, key: str, secret: dict[str, Any], state: _State, token: Token, now: float

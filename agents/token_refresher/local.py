@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agents.token_refresher.config import OFFLINE_IDLE
-from agents.token_refresher.inject import InjectError, write_file
+from agents.token_refresher.inject import InjectError, NoSuchDirectory, write_file
 from agents.token_refresher.metrics import RefresherMetrics
 from agents.token_refresher.oauth import (
     Backoff,
@@ -27,6 +27,7 @@ from agents.token_refresher.oauth import (
     RetryableError,
     Token,
     TokenFormatError,
+    decode_token_json,
     refresh,
 )
 from agents.token_refresher.spec import SpecError, render
@@ -120,12 +121,20 @@ class LocalRefresher:
             return  # refreshing failed for good with this content; wait for a new one
         if digest != state.digest:
             try:
-                self._adopt(Token.from_json(text, now), digest, now)
+                data, stray = decode_token_json(text)
+                self._adopt(Token.from_object(data, now), digest, now)
             except TokenFormatError as err:
                 state.final_digest = digest
                 self._metrics.refreshes.labels("bad_token").inc()
                 log.error("token file %s: %s", self.config.token_file, err)
                 return
+            if stray:
+                log.warning(
+                    "token file %s: ignored %d stray '}' after the token JSON object; "
+                    "the next refresh rewrites the file without them",
+                    self.config.token_file,
+                    stray,
+                )
         current = state.token
         assert current is not None
         if now >= state.due and now >= state.retry_at:
@@ -201,12 +210,32 @@ class LocalRefresher:
             self._metrics.injection_failures.labels("bad_template").inc()
             log.error("cannot render %s: %s", cfg.out, err)
             return
+        except NoSuchDirectory as err:
+            # The injector's wording ("in the container") means nothing here.
+            self._metrics.injection_failures.labels(err.reason).inc()
+            log.error("cannot write %s", out_directory_problem(cfg.out) or err)
+            return
         except InjectError as err:
             self._metrics.injection_failures.labels(err.reason).inc()
             log.error("cannot write %s: %s", cfg.out, err)
             return
         if result.written:
             self._metrics.files_written.inc()
+
+
+def out_directory_problem(out: str) -> str | None:
+    """Why `--out` cannot be written for want of its directory, in local-mode words; else None.
+
+    Reported, never created: an operator running this by hand as root would
+    otherwise get a root-owned directory from a typo, and the consumer (eosxd
+    looks for one fixed path) would never see the file.
+    """
+    parent = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(parent):
+        return None
+    if os.path.lexists(parent):
+        return f"--out {out}: {parent} is not a directory"
+    return f"--out {out}: directory {parent} does not exist (create it first)"
 
 
 def refresher_for(

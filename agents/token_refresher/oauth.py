@@ -172,14 +172,11 @@ class Token:
         pass that time as `now` when known (the Secret's creationTimestamp),
         else the JSON is taken as written just now.
         """
-        try:
-            data = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as err:
-            # JSONDecodeError's message has a position, never the document.
-            reason = err.msg if isinstance(err, json.JSONDecodeError) else type(err).__name__
-            raise TokenFormatError(f"token JSON is not valid JSON ({reason})") from None
-        if not isinstance(data, dict):
-            raise TokenFormatError(f"token JSON must be an object, not {_json_type_name(data)}")
+        return cls.from_object(decode_token_json(text)[0], now)
+
+    @classmethod
+    def from_object(cls, data: Mapping[str, Any], now: float) -> Token:
+        """`from_json` for an object `decode_token_json` returned."""
         return cls._from_mapping(data, now, stored=True)
 
     @classmethod
@@ -361,6 +358,36 @@ class Backoff:
         if retry_after is not None and retry_after > delay:
             delay = max(delay, min(retry_after, self.retry_after_cap))
         return delay
+
+
+# JSON's whitespace (RFC 8259 section 2) and stray closing braces: the CERN
+# blog's example Secret, copied as printed, ends its token object with `}}`.
+_IGNORABLE_TAIL: Final = " \t\n\r}"
+
+
+def decode_token_json(text: str | bytes) -> tuple[dict[str, Any], int]:
+    """The one parser of token JSON: the object, and how many stray `}` followed it.
+
+    One object followed only by whitespace and closing braces is accepted
+    (callers warn about the braces); anything else after it is an error. The
+    tail is tenant input but bounded: it is inside a size-capped Secret or file.
+    """
+    try:
+        if isinstance(text, bytes):
+            # What json.loads does with bytes (UTF-8, -16 or -32, BOM included).
+            text = text.decode(json.detect_encoding(text), "surrogatepass")
+        start = len(text) - len(text.lstrip(" \t\n\r"))  # raw_decode skips none
+        data, end = json.JSONDecoder().raw_decode(text, start)
+        tail = text[end:]
+        if tail.strip(_IGNORABLE_TAIL):
+            raise json.JSONDecodeError("Extra data", text, end)
+    except (ValueError, UnicodeDecodeError) as err:
+        # JSONDecodeError's message has a position, never the document.
+        reason = err.msg if isinstance(err, json.JSONDecodeError) else type(err).__name__
+        raise TokenFormatError(f"token JSON is not valid JSON ({reason})") from None
+    if not isinstance(data, dict):
+        raise TokenFormatError(f"token JSON must be an object, not {_json_type_name(data)}")
+    return data, tail.count("}")
 
 
 def quiet_token_loggers() -> None:

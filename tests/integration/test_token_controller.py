@@ -380,6 +380,54 @@ def test_a_token_stored_by_the_cern_controller_is_refreshed_at_once_and_stored_a
     assert stored["scope"]  # other fields kept
 
 
+def test_the_blog_examples_stray_brace_is_ignored_with_one_event_and_dropped_on_refresh(
+    kube: FakeKube, idp: TestIdP, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The CERN blog's example Secret, copied as printed: `..."scope":"..."}}`."""
+    token = json.loads(idp.issue())  # relative expires_in, as the seed tool stores it
+    with AgentThread(main, argv(kube, idp, tmp_path)) as agent:
+        secret = token_secret(leading(agent) and idp, token=token)
+        secret["data"]["oauth"] = b64(json.dumps(token, separators=(",", ":")) + "}")
+        kube.put(secret)
+        wait_for(lambda: agent.value("token_refresher_refreshes_total", {"result": "ok"}) >= 1, 15)
+        wait_for(lambda: len(events(kube, "TokenJSONTrailingIgnored")) == 1, 5)
+        time.sleep(0.5)
+        assert len(events(kube, "TokenJSONTrailingIgnored")) == 1  # once, not every pass
+    (event,) = events(kube, "TokenJSONTrailingIgnored", "Secret")
+    assert event["type"] == "Warning" and "ignored 1 stray '}'" in event["message"]
+    assert "key oauth" in event["message"]
+    assert not events(kube, "InvalidTokenSecret")
+    stored = stored_token(kube)  # json.loads: the brace is gone
+    assert stored["refresh_token"] != token["refresh_token"] and "expires_at" in stored
+    assert status_of(kube, "hello-token") in (None, "ok")
+    lines = [r.getMessage() for r in caplog.records]
+    assert not [line for line in lines if token["access_token"] in line]
+    assert not [line for line in lines if token["refresh_token"] in line]
+
+
+def test_an_unreachable_api_server_is_one_warning_and_one_line_when_it_answers_again(
+    kube: FakeKube, idp: TestIdP, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Watches, the Lease and urllib3 itself used to log every failed attempt."""
+    caplog.set_level(logging.INFO)
+    args = argv(kube, idp, tmp_path, "--renew-interval", "0.5", "--lease-duration", "20")
+    port = kube.port
+    kube.close()  # refused on that port
+    with AgentThread(main, args) as agent:
+        time.sleep(4)  # the Lease retried ~8 times, the watch ~4
+        outage = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert [r.getMessage() for r in outage] == [outage[0].getMessage()]
+        assert "unreachable" in outage[0].getMessage() and "refused" in outage[0].getMessage()
+        kube.start(port)
+        leading(agent)
+        kube.put(token_secret(idp))
+        wait_for(lambda: agent.value("token_refresher_refreshes_total", {"result": "ok"}) >= 1, 15)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([line for line in lines if "answers again after" in line]) == 1
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == outage
+    assert not [r for r in caplog.records if r.name.startswith("urllib3")]
+
+
 def test_only_the_lease_holder_refreshes_and_a_standby_takes_over(
     kube: FakeKube, idp: TestIdP, tmp_path: Path
 ) -> None:

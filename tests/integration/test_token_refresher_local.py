@@ -250,3 +250,107 @@ def test_a_token_shorter_lived_than_the_interval_is_refreshed_when_due_not_at_th
             assert agent.value("token_refresher_refreshes_total", {"result": "invalid_grant"}) == 0
             left = agent.value("token_refresher_time_to_expiry_seconds", {"token": "token.json"})
             assert left > 0
+
+
+def test_a_stray_brace_after_the_token_file_is_ignored_with_a_warning_and_dropped(
+    idp: TestIdP, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "out").mkdir()
+    token_file = seed(idp, tmp_path, expires_in=0)
+    seeded = json.loads(token_file.read_text())
+    token_file.write_text(token_file.read_text() + "}\n")  # the CERN blog's copy-paste slip
+    caplog.set_level(logging.INFO)
+    assert main(argv(idp, tmp_path, token_file, "--once"), environ={}) == 0
+    after = json.loads(token_file.read_text())  # rewritten clean
+    assert after["refresh_token"] != seeded["refresh_token"]
+    assert (tmp_path / "out" / "oauthtk_1000").read_bytes() == after["access_token"].encode()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [w for w in warnings if "ignored 1 stray '}'" in w and str(token_file) in w]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_out_in_a_missing_directory_is_one_clear_error_and_nothing_is_created(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token_file = tmp_path / "token.json"
+    token_file.write_text(json.dumps({"access_token": "a", "refresh_token": "rt"}))
+    secret = tmp_path / "secret"
+    secret.write_text("s")
+    out = tmp_path / "typo" / "oauthtk_1000"
+    args = [
+        "local",
+        "--token-file",
+        str(token_file),
+        "--token-url",
+        "https://idp.example/token",
+        "--client-id",
+        "c",
+        "--client-secret-file",
+        str(secret),
+        "--out",
+        str(out),
+        "--once",
+    ]
+    assert main(args, environ={}) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"token-refresher: error: --out {out}: directory {out.parent} does not exist "
+        "(create it first)"
+    ]
+    # Reported, not created: a root-owned directory from a typo helps no one.
+    assert not out.parent.exists()
+
+
+def test_out_directory_removed_while_running_is_reported_in_local_words(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "out").mkdir()
+    token_file = tmp_path / "token.json"
+    now = time.time()
+    # Fresh for an hour: no IdP call, only the output file is at stake.
+    token_file.write_text(
+        json.dumps(
+            {"access_token": "a", "refresh_token": "rt", "expires_at": now + 3600, "issued_at": now}
+        )
+    )
+    secret = tmp_path / "secret"
+    secret.write_text("s")
+    out = tmp_path / "out" / "tok"
+    args = [
+        "local",
+        "--token-file",
+        str(token_file),
+        "--token-url",
+        "http://127.0.0.1:9/token",
+        "--allow-http",
+        "--client-id",
+        "c",
+        "--client-secret-file",
+        str(secret),
+        "--out",
+        str(out),
+        "--interval",
+        "0.05",
+        "--metrics-address",
+        "off",
+    ]
+    caplog.set_level(logging.INFO)
+    with AgentThread(main, args) as agent:
+        wait_for(out.exists, 5)
+        out.unlink()
+        out.parent.rmdir()
+        wait_for(
+            lambda: (
+                agent.value("token_refresher_injection_failures_total", {"reason": "no_directory"})
+                >= 1
+            ),
+            5,
+        )
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors
+    assert (
+        errors[0]
+        == f"cannot write --out {out}: directory {out.parent} does not exist (create it first)"
+    )
+    assert not any("container" in line for line in errors)
+    assert not out.parent.exists()

@@ -947,11 +947,11 @@ class _Server(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, kube: FakeKube) -> None:
+    def __init__(self, kube: FakeKube, port: int = 0) -> None:
         self.kube = kube
         self.open_connections: set[socket.socket] = set()
         self._lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(("127.0.0.1", port), _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._lock:
@@ -1004,8 +1004,11 @@ class FakeKube:
 
     # -- life cycle
 
-    def start(self) -> FakeKube:
-        self._server = _Server(self)
+    def start(self, port: int = 0) -> FakeKube:
+        """Serve on `port` (0: any free one); after `close()`, the old `port` brings
+        the same server back (an API server outage), its store intact."""
+        self._closing.clear()
+        self._server = _Server(self, port)
         self._thread = threading.Thread(
             target=self._server.serve_forever, args=(0.05,), name="fake-kube", daemon=True
         )
@@ -1036,6 +1039,11 @@ class FakeKube:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "FakeKube is not started"
+        return int(self._server.server_address[1])
 
     @property
     def url(self) -> str:

@@ -254,16 +254,22 @@ def test_watch_errors_resume_without_a_relist(
 def test_an_unreachable_api_server_is_retried_and_stop_still_works(
     kube: FakeKube, make_cache: Callable[..., NodePodCache], caplog: pytest.LogCaptureFixture
 ) -> None:
+    port = kube.port
     kube.close()  # connection refused from now on
-    with caplog.at_level(logging.WARNING, logger="agents.common.watchcache"):
+    with caplog.at_level(logging.INFO):
         cache = make_cache(backoff_base=0.05, backoff_cap=0.1, jitter=lambda: 0.0)
         wait_for(lambda: cache.errors >= 3, 10)
         assert not cache.synced and not cache.wait_synced(0)
+        # One line for the outage, for every user of this ApiClient (no urllib3 retries).
+        (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert warning.name == "agents.common.kube" and "unreachable" in warning.getMessage()
+        kube.start(port)
+        assert cache.wait_synced(5)
         started = time.monotonic()
         assert cache.stop()
         assert time.monotonic() - started < 1.0
-    warnings = [r for r in caplog.records if r.name == "agents.common.watchcache"]
-    assert len(warnings) == 1
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith(("agents", "urllib3"))]
+    assert len(lines) == 2 and "answers again after" in lines[1]
 
 
 def test_a_failing_callback_does_not_stop_the_watch(

@@ -38,6 +38,7 @@ from agents.token_refresher.oauth import (
     Token,
     TokenFormatError,
     check_token_url,
+    decode_token_json,
     quiet_token_loggers,
     refresh,
 )
@@ -303,10 +304,32 @@ def test_optional_fields_default() -> None:
     assert not token.expired(NOW + 10**9)
 
 
+@pytest.mark.parametrize(
+    ("tail", "stray"),
+    [
+        pytest.param("}", 1, id="blog-post-typo"),
+        pytest.param(" }\n}\t\r\n", 2, id="braces-and-whitespace"),
+        pytest.param("\n", 0, id="whitespace-only"),
+    ],
+)
+def test_stray_closing_braces_after_the_object_are_ignored_and_counted(
+    tail: str, stray: int
+) -> None:
+    """The CERN blog's example Secret, copied as printed, ends in `}}`."""
+    data, ignored = decode_token_json(" " + KEYCLOAK_SEED + tail)
+
+    assert data == json.loads(KEYCLOAK_SEED) and ignored == stray
+    assert decode_token_json((KEYCLOAK_SEED + tail).encode()) == (data, stray)
+    assert Token.from_json(KEYCLOAK_SEED + tail, NOW) == Token.from_json(KEYCLOAK_SEED, NOW)
+
+
 GARBAGE = [
     pytest.param("", "not valid JSON", id="empty"),
     pytest.param('{"access_token": "AT-SECRET-GARBAGE", ', "not valid JSON", id="truncated"),
-    pytest.param(KEYCLOAK_SEED + "}", "not valid JSON (Extra data)", id="blog-post-typo"),
+    pytest.param(KEYCLOAK_SEED + "}]", "not valid JSON (Extra data)", id="brace-then-bracket"),
+    pytest.param(KEYCLOAK_SEED + '} "AT-SECRET-GARBAGE"', "(Extra data)", id="brace-then-more"),
+    pytest.param(KEYCLOAK_SEED + "{}", "not valid JSON (Extra data)", id="two-objects"),
+    pytest.param("}", "not valid JSON (Expecting value)", id="only-a-brace"),
     pytest.param(b"\xff\xfe\x00garbage", "not valid JSON", id="binary"),
     pytest.param('["AT-SECRET-GARBAGE"]', "must be an object, not an array", id="array"),
     pytest.param("null", "must be an object, not null", id="null"),
