@@ -65,6 +65,30 @@ def argv(idp: TestIdP, tmp_path: Path, token: Path, *extra: str) -> list[str]:
     ]
 
 
+def no_idp_argv(tmp_path: Path, token: Path, out: Path) -> list[str]:
+    """Local mode with a token URL nothing listens on (port 9: connection refused)."""
+    secret = tmp_path / "secret"
+    secret.write_text("s")
+    return [
+        "local",
+        "--token-file",
+        str(token),
+        "--token-url",
+        "http://127.0.0.1:9/token",
+        "--allow-http",
+        "--client-id",
+        "c",
+        "--client-secret-file",
+        str(secret),
+        "--out",
+        str(out),
+        "--interval",
+        "0.05",
+        "--metrics-address",
+        "off",
+    ]
+
+
 def test_a_chain_of_refreshes_never_breaks_and_each_rotation_is_persisted(
     idp: TestIdP, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -152,28 +176,8 @@ def test_idp_down_keeps_the_current_token_and_backs_off(tmp_path: Path) -> None:
     token_file.write_text(
         json.dumps({"access_token": "still-good", "refresh_token": "rt", "expires_in": 0})
     )
-    secret = tmp_path / "secret"
-    secret.write_text("s")
     out = tmp_path / "out" / "tok"
-    # Nothing listens on this port: connection refused.
-    args = [
-        "local",
-        "--token-file",
-        str(token_file),
-        "--token-url",
-        "http://127.0.0.1:9/token",
-        "--allow-http",
-        "--client-id",
-        "c",
-        "--client-secret-file",
-        str(secret),
-        "--out",
-        str(out),
-        "--interval",
-        "0.05",
-        "--metrics-address",
-        "off",
-    ]
+    args = no_idp_argv(tmp_path, token_file, out)
     with AgentThread(main, args) as agent:
         wait_for(
             lambda: agent.value("token_refresher_refreshes_total", {"result": "connection"}) >= 2,
@@ -313,27 +317,8 @@ def test_out_directory_removed_while_running_is_reported_in_local_words(
             {"access_token": "a", "refresh_token": "rt", "expires_at": now + 3600, "issued_at": now}
         )
     )
-    secret = tmp_path / "secret"
-    secret.write_text("s")
     out = tmp_path / "out" / "tok"
-    args = [
-        "local",
-        "--token-file",
-        str(token_file),
-        "--token-url",
-        "http://127.0.0.1:9/token",
-        "--allow-http",
-        "--client-id",
-        "c",
-        "--client-secret-file",
-        str(secret),
-        "--out",
-        str(out),
-        "--interval",
-        "0.05",
-        "--metrics-address",
-        "off",
-    ]
+    args = no_idp_argv(tmp_path, token_file, out)
     caplog.set_level(logging.INFO)
     with AgentThread(main, args) as agent:
         wait_for(out.exists, 5)
