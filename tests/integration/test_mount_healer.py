@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from agents.mount_healer.cli import main
 from agents.mount_healer.fusectl import scan_fuse_fds
 from agents.mount_healer.mountinfo import MountinfoSource, read_mount_table
 from hack.autofs_world import AutofsWorld, force_unmount_under, scaled, wait_for
+from hack.prometheus import free_port
 from tests.conftest import IS_ROOT, require_root_tools
 from tests.support.agent import AgentThread
 
@@ -362,6 +365,7 @@ def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str
 
 
 def test_sigterm_stops_the_agent_promptly(world: AutofsWorld) -> None:
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -372,19 +376,32 @@ def test_sigterm_stops_the_agent_promptly(world: AutofsWorld) -> None:
             "--interval",
             "30",
             "--metrics-address",
-            "off",
+            f"127.0.0.1:{port}",
         ],
         stderr=subprocess.PIPE,
     )
     try:
-        # The stop signals are taken over once the agent has started (imports first).
-        time.sleep(scaled(1.0))
+        # The stop signals are taken over just before the HTTP server starts:
+        # once /healthz answers (any status), SIGTERM is the agent's to handle.
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}/healthz"), 30, interval=0.1)
+        started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(5) == 0
+        assert proc.wait(scaled(5)) == 0
+        assert time.monotonic() - started < scaled(2)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1):
+            return True
+    except urllib.error.HTTPError:
+        return True  # 503 before the first sweep: the server is up
+    except OSError:
+        return False
 
 
 def test_fusectl_is_mounted_when_missing(world: AutofsWorld) -> None:
