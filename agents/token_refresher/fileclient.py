@@ -514,8 +514,9 @@ class _Connection(http.client.HTTPSConnection):
 class FileClient:
     """Keeps one stream open to a controller replica while this node has claims.
 
-    `claims()` gives this node's current claims (called from the client's
-    threads); `claims_changed()` says they may have changed. `on_files()` is
+    `claims()` gives this node's current claims, None while they are not known
+    (the pods are not listed yet); it is called from the client's threads, and
+    `claims_changed()` says they may have changed. `on_files()` is
     called (from the stream thread) after the kept files changed; `files()`
     gives them. Boundaries are injected: the resolver, the CA bundle, clocks,
     jitter.
@@ -526,7 +527,7 @@ class FileClient:
         config: ControllerLinkConfig,
         node_name: str,
         *,
-        claims: Callable[[], Sequence[Claim]],
+        claims: Callable[[], Sequence[Claim] | None],
         ca: CaBundle,
         metrics: InjectorMetrics,
         on_files: Callable[[], None] = lambda: None,
@@ -554,6 +555,7 @@ class FileClient:
         self._stopping = threading.Event()
         self._changed = threading.Event()  # claims may have changed
         self._reconnect = threading.Event()  # the open stream's claims are out of date
+        self._current = threading.Event()  # a stream delivered a snapshot
         self._kept: Snapshot | None = None
         self._confirmed = 0.0  # wall clock: the kept files were last known current
         self._live = monotonic()  # a live stream was last seen (or a state loaded)
@@ -601,6 +603,12 @@ class FileClient:
             thread.join(max(0.0, deadline - self._monotonic()))
         self._set_connected(False)
         return not any(t.is_alive() for t in self._threads)
+
+    def wait_current(self, timeout: float) -> bool:
+        """Wait until a stream delivered its snapshot; True at once with nothing to claim."""
+        if self._current_claims() == ():
+            return True
+        return self._current.wait(timeout)
 
     def claims_changed(self) -> None:
         """This node's pods changed: the claims are compared (debounced) and, if
@@ -656,8 +664,11 @@ class FileClient:
 
     # -- claims (the files-claims thread)
 
-    def _current_claims(self) -> tuple[Claim, ...]:
-        claims = tuple(sorted(self._claims()))
+    def _current_claims(self) -> tuple[Claim, ...] | None:
+        known = self._claims()
+        if known is None:
+            return None
+        claims = tuple(sorted(known))
         if len(claims) > MAX_CLAIMS:
             if self._capped_said != len(claims):
                 self._capped_said = len(claims)
@@ -687,7 +698,7 @@ class FileClient:
             with self._lock:
                 current = self._streaming
             if claims != current:
-                log.debug("claims changed (%d pods): reopening the stream", len(claims))
+                log.debug("claims changed (%d pods): reopening the stream", len(claims or ()))
                 self._reconnect.set()
                 self._close_stream()
 
@@ -709,7 +720,7 @@ class FileClient:
             with self._lock:
                 self._streaming = claims
             if not claims:
-                self._idle()
+                self._idle(claims)
                 continue
             try:
                 endpoint = self._endpoint()
@@ -724,12 +735,13 @@ class FileClient:
             if ended:
                 self._next += 1  # a clean end: at once, to the next replica
 
-    def _idle(self) -> None:
-        """No claims: no stream; forget the files of pods gone (containers keep theirs)."""
+    def _idle(self, claims: tuple[Claim, ...] | None) -> None:
+        """No claims: no stream. Once the pods are known to claim nothing, the files
+        of pods gone are forgotten (containers keep theirs)."""
         self._set_connected(False)
         with self._lock:
             kept = self._kept
-        if kept is not None and kept.pods:
+        if claims is not None and kept is not None and kept.pods:
             self._keep(dataclasses.replace(kept, pods={}), save=True)
         self._reconnect.wait()
 
@@ -874,6 +886,7 @@ class FileClient:
             level = logging.DEBUG if refusal.reason == "not_found" else logging.WARNING
             log.log(level, "controller refused pod %s/%s: %s", *_named(refusal))
         self.failures = 0
+        self._current.set()
         self._set_connected(True)
         if self._said != "ok":
             log.info(
