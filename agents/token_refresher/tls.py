@@ -94,16 +94,17 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
-
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from typing import TYPE_CHECKING, Any
 
 from agents.token_refresher.spec import OUR_PREFIX
+
+# cryptography is imported where it is used: the injector imports this module
+# for `client_context` alone (pure `ssl`), and cryptography costs ~12 MB of RSS
+# on every node.
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +155,14 @@ def _utc(when: float) -> datetime:
 
 
 def _new_key() -> ec.EllipticCurvePrivateKey:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     return ec.generate_private_key(ec.SECP256R1())
 
 
 def _key_pem(key: PrivateKeyTypes) -> str:
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -166,10 +171,14 @@ def _key_pem(key: PrivateKeyTypes) -> str:
 
 
 def _cert_pem(cert: x509.Certificate) -> str:
+    from cryptography.hazmat.primitives import serialization
+
     return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    from cryptography import x509
+
     return x509.KeyUsage(
         digital_signature=True,
         content_commitment=False,
@@ -185,6 +194,10 @@ def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
 
 def make_ca(now: float, validity: timedelta = CA_VALIDITY) -> KeyPair:
     """A new self-signed CA (EC P-256, CA:true pathlen 0, keyCertSign)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
     key = _new_key()
     start = _utc(now)
     # The full time in the name: two CAs made the same day must differ, since
@@ -213,6 +226,8 @@ def make_ca(now: float, validity: timedelta = CA_VALIDITY) -> KeyPair:
 
 
 def _general_name(name: str) -> x509.GeneralName:
+    from cryptography import x509
+
     try:
         return x509.IPAddress(ipaddress.ip_address(name))
     except ValueError:
@@ -235,6 +250,11 @@ def issue_serving_cert(
 
     It ends no later than the CA: a chain is only as valid as its shortest link.
     """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
     wanted = [normalize_name(n) for n in names if n.strip()]
     if not wanted:
         raise ValueError("a serving certificate needs at least one name")
@@ -274,6 +294,8 @@ def issue_serving_cert(
 
 def parse_certificates(pem: str) -> list[x509.Certificate]:
     """Every certificate of a PEM text, in order; TlsMaterialError when there is none."""
+    from cryptography import x509
+
     try:
         certs = x509.load_pem_x509_certificates(pem.encode())
     except ValueError as err:
@@ -285,6 +307,8 @@ def parse_certificates(pem: str) -> list[x509.Certificate]:
 
 def parse_private_key(pem: str) -> PrivateKeyTypes:
     """A private key from PEM (unencrypted); TlsMaterialError when it is not one."""
+    from cryptography.hazmat.primitives import serialization
+
     try:
         return serialization.load_pem_private_key(pem.encode(), password=None)
     except (ValueError, TypeError) as err:
@@ -309,6 +333,8 @@ def is_current(cert: x509.Certificate, now: float) -> bool:
 
 def san_names(cert: x509.Certificate) -> frozenset[str]:
     """The DNS names and IP addresses of the certificate's SANs, normalized."""
+    from cryptography import x509
+
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -320,6 +346,8 @@ def san_names(cert: x509.Certificate) -> frozenset[str]:
 
 def signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     """True when `issuer` signed `cert` (names and signature checked, not validity)."""
+    from cryptography.exceptions import InvalidSignature
+
     try:
         cert.verify_directly_issued_by(issuer)
     except (ValueError, TypeError, InvalidSignature):
@@ -343,6 +371,8 @@ def default_names(namespace: str, service: str = SERVICE_NAME) -> tuple[str, ...
 
 def bundle_pem(certs: Iterable[x509.Certificate]) -> str:
     """Certificates as one PEM bundle (each once, in order)."""
+    from cryptography.hazmat.primitives import hashes
+
     seen: dict[bytes, x509.Certificate] = {}
     for cert in certs:
         seen.setdefault(cert.fingerprint(hashes.SHA256()), cert)
@@ -515,6 +545,8 @@ def _pair(data: dict[str, Any], cert_key: str, key_key: str) -> tuple[KeyPair, x
 
 
 def _examine(secret: dict[str, Any], *, need_ca: bool) -> _Found:
+    from cryptography import x509
+
     data = secret.get("data") or {}
     found = _Found()
     problems: list[str] = []
@@ -872,6 +904,8 @@ class TlsKeeper:
         return since if since is not None else ca_cert.not_valid_before_utc.timestamp()
 
     def _log_waiting(self, ca_cert: x509.Certificate, trusted_at: float | None) -> None:
+        from cryptography.hazmat.primitives import hashes
+
         mark = ca_cert.fingerprint(hashes.SHA256())
         if mark == self._waiting_logged:
             return
@@ -990,6 +1024,8 @@ class TlsKeeper:
 
 
 def _same_cert(a: x509.Certificate, b: x509.Certificate) -> bool:
+    from cryptography.hazmat.primitives import hashes
+
     return a.fingerprint(hashes.SHA256()) == b.fingerprint(hashes.SHA256())
 
 

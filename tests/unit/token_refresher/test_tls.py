@@ -7,6 +7,8 @@ import contextlib
 import logging
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -546,6 +548,19 @@ def test_the_client_trusts_only_the_bundle_it_is_given() -> None:
     assert len(context.get_ca_certs()) == 1  # no system store
     with pytest.raises(TlsMaterialError):
         client_context("not PEM")
+
+
+def test_the_client_side_does_not_load_cryptography() -> None:
+    """The injector imports this module on every node for client_context alone."""
+    bundle_pem = make_ca(time.time()).cert_pem
+    code = (
+        "import sys; from agents.token_refresher.tls import client_context; "
+        f"client_context({bundle_pem!r}); print('cryptography' in sys.modules)"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert found.stdout.strip() == "False"
 
 
 def test_during_a_rotation_certificates_of_both_cas_verify(clock: Clock) -> None:
