@@ -843,7 +843,9 @@ class TlsKeeper:
             )
         if found.problems:
             log.warning(
-                "%s: %s; issuing a new serving certificate", self._secret_ref, found.problems
+                "%s: %s; issuing a new serving certificate",
+                self._secret_ref,
+                "; ".join(found.problems),
             )
         if is_due(ca_cert, now):
             # Step 1 of a rotation: the new CA into the Secret, the serving pair
