@@ -66,6 +66,18 @@ WATCH_POLL = 0.2
 # tokens for it authenticate to the API, tokens for other audiences only to
 # whoever reviews them.
 API_AUDIENCE = "https://kubernetes.default.svc"
+# version.Info, every field set: the client's model requires them all.
+VERSION = {
+    "major": "1",
+    "minor": "37",
+    "gitVersion": "v1.37.0-fake",
+    "gitCommit": "0000000000000000000000000000000000000000",
+    "gitTreeState": "clean",
+    "buildDate": "2026-01-01T00:00:00Z",
+    "goVersion": "go1.25.0",
+    "compiler": "gc",
+    "platform": "linux/amd64",
+}
 TOKEN_REVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 # The extras a pod-bound ServiceAccount token carries (serviceaccount/claims.go).
 POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
@@ -1450,8 +1462,8 @@ class FakeKube:
                     raise injection.error
 
     def _dispatch(self, call: ApiCall, body: Any, content_type: str) -> tuple[int, JSON]:
-        if call.path == "/version":
-            return 200, {"major": "1", "minor": "37", "gitVersion": "v1.37.0-fake"}
+        if call.path in ("/version", "/version/"):  # the client asks for /version/
+            return 200, VERSION
         if call.path == TOKEN_REVIEW_PATH:
             if call.method != "POST":
                 raise ApiError(405, f"{call.method} is not supported on tokenreviews")
