@@ -20,7 +20,7 @@ import pytest
 from kubernetes import client as kube_client
 from kubernetes.client.exceptions import ApiException
 
-from agents.common.kube import load_api_client
+from agents.common.kube import EventRecorder, ObjectRef, load_api_client
 from tests.support import rbac
 from tests.support.fake_kube import API_AUDIENCE, FakeKube
 from tests.support.rbac import Attributes, Denial, User, request_attributes
@@ -665,3 +665,61 @@ def test_the_expiration_timestamp_is_rfc3339_utc(kube: FakeKube, api: Any) -> No
     assert answer.status.expiration_timestamp.tzinfo is not None
     assert answer.spec.expiration_seconds == 3600
     assert answer.status.expiration_timestamp > datetime.now(UTC)
+
+
+# -- the bundle's ServiceAccounts ---------------------------------------------------------
+
+
+@pytest.fixture
+def bundle(kube: FakeKube, bundle_rbac: list[dict[str, Any]], tmp_path: Path) -> Iterator[Any]:
+    """A CoreV1Api factory: the API as one of the bundle's ServiceAccounts sees it."""
+    kube.enforce_rbac(bundle_rbac)
+    opened: list[Any] = []
+
+    def as_account(name: str) -> Any:
+        path = kube.kubeconfig(tmp_path / name, service_account=f"{NS}/{name}")
+        api_client = load_api_client(str(path))
+        opened.append(api_client)
+        return api_client
+
+    yield as_account
+    for api_client in opened:
+        api_client.close()
+
+
+def test_the_bundle_lets_the_healer_post_node_events_and_nothing_else(
+    kube: FakeKube, bundle: Any
+) -> None:
+    api_client = bundle("automount-healer")
+    recorder = EventRecorder(api_client, "automount-healer", host="n1")
+    node = ObjectRef(kind="Node", name="n1", uid="n1")
+    assert recorder.emit(node, "Normal", "FuseMountHealed", "healed")
+    assert kube.denied() == []
+    v1 = client.CoreV1Api(api_client)
+    forbidden(v1.list_pod_for_all_namespaces)
+    forbidden(v1.read_node, "n1")
+    forbidden(v1.list_secret_for_all_namespaces)
+    assert [(d.verb, d.resource) for d in kube.denied()] == [
+        ("list", "pods"),
+        ("get", "nodes"),
+        ("list", "secrets"),
+    ]
+
+
+def test_the_bundle_lets_the_gpu_enforcer_read_pods_and_never_delete_them(
+    kube: FakeKube, bundle: Any
+) -> None:
+    v1 = client.CoreV1Api(bundle("gpu-mem-enforcer"))
+    kube.put({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}})
+    injector_pod(kube, "p")
+    assert v1.list_pod_for_all_namespaces(field_selector="spec.nodeName=n1").items
+    assert v1.read_namespace("default").metadata.name == "default"
+    assert v1.read_node("n1").metadata.name == "n1"
+    forbidden(v1.delete_namespaced_pod, "p", NS)
+    forbidden(v1.list_secret_for_all_namespaces)
+    forbidden(v1.read_namespaced_config_map, "token-refresher-ca", NS)
+    assert [(d.verb, d.resource) for d in kube.denied()] == [
+        ("delete", "pods"),
+        ("list", "secrets"),
+        ("get", "configmaps"),
+    ]
