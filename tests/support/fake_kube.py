@@ -11,6 +11,17 @@ history with compaction (410 Expired as one ERROR event), the pod eviction
 subresource with PodDisruptionBudget refusals (429), finalizers, the status
 subresource, Secret `stringData`, Status bodies as the apiserver writes them.
 
+Authentication and authorization: the admin token (`FakeKube(token=...)`) is
+system:masters; `service_account_token()` and TokenRequest issue opaque
+ServiceAccount tokens (audiences, expiry, bound to a pod and its node) that
+authenticate to the API when they are for its audience (`API_AUDIENCE`), and
+that TokenReview checks as the apiserver does (expiry, audiences, the bound pod
+and the ServiceAccount still there with the same UID). No or unknown token:
+401. After `enforce_rbac(objects)`, every non-admin request is authorized by
+RBAC (tests/support/rbac.py) over the Roles, ClusterRoles and bindings in the
+store, 403 as the RBAC authorizer words it, recorded in `denied()`. The
+in-process helpers (`put`, `get`, `delete`, ...) bypass all of this.
+
 Not imitated (no controllers run here): scheduling, kubelets, graceful pod
 termination (a deleted pod is gone at once), garbage collection, namespace
 cascade and lifecycle (objects may be created in namespaces that do not
@@ -20,8 +31,8 @@ JSON merge patch), consistent snapshots for paginated lists, dry runs,
 bookmarks. core/v1 and events.k8s.io/v1 Events are stored apart (the
 apiserver converts between them): `objects("events")` holds the core ones.
 
-    with FakeKube() as kube:
-        kube.kubeconfig(tmp_path / "kubeconfig")
+    with FakeKube(rbac_objects=rbac.bundle_rbac()) as kube:
+        kube.kubeconfig(tmp_path / "kubeconfig", service_account="node-agents/gpu-mem-enforcer")
         kube.put({"apiVersion": "v1", "kind": "Pod", "metadata": {...}, ...})
         kube.inject_error("GET", "/api/v1/namespaces/ns/pods", 500)
         assert kube.count("POST", ".*/events") == 1

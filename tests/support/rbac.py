@@ -86,7 +86,7 @@ class Denial(NamedTuple):
     user: str
     verb: str
     group: str
-    resource: str  # with its subresource: "pods/eviction"
+    resource: str  # with its subresource ("pods/eviction"); a non-resource request: its path
     namespace: str
     name: str
 
