@@ -496,38 +496,13 @@ def test_only_tokens_for_the_apis_audience_authenticate_to_it(
 
 # -- over HTTP: RBAC ----------------------------------------------------------------------
 
-# The injector's rules after issue 10, written here until the bundle's land:
-# pods read, events written, its CA ConfigMap by name, nothing of Secrets.
-INJECTOR_RBAC = [
-    role(
-        "ClusterRole",
-        INJECTOR,
-        [
-            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-            {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
-        ],
-    ),
-    binding("ClusterRoleBinding", INJECTOR, "ClusterRole", [sa_subject(INJECTOR)]),
-    role(
-        "Role",
-        INJECTOR,
-        [
-            {
-                "apiGroups": [""],
-                "resources": ["configmaps"],
-                "resourceNames": ["token-refresher-ca"],
-                "verbs": ["get"],
-            }
-        ],
-        namespace=NS,
-    ),
-    binding("RoleBinding", INJECTOR, "Role", [sa_subject(INJECTOR)], namespace=NS),
-]
-
 
 @pytest.fixture
-def injector_api(kube: FakeKube, tmp_path: Path) -> Iterator[Any]:
-    kube.enforce_rbac(INJECTOR_RBAC)
+def injector_api(
+    kube: FakeKube, bundle_rbac: list[dict[str, Any]], tmp_path: Path
+) -> Iterator[Any]:
+    """The API as the bundle's injector ServiceAccount sees it (manifests/all's RBAC)."""
+    kube.enforce_rbac(bundle_rbac)
     for name in ("token-refresher-ca", "templates"):
         kube.put(
             {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": NS}}
