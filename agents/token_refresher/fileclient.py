@@ -12,7 +12,7 @@ a heartbeat every 10 s.
   is tried, after capped exponential backoff with jitter (reset once a stream
   delivered a snapshot). A stream the server ends cleanly (every ~300 s, so
   reviews are redone and load spreads) is reopened at once, to the next address.
-- TLS trusts only the CA bundle (the CA ConfigMap read by name, cached and
+- TLS (tls.client_context) trusts only the CA bundle (the CA ConfigMap read by name, cached and
   read again after a verify failure, or a mounted file) and verifies the URL's
   host name (or --controller-server-name). The projected token is read again
   at every connection: the kubelet rotates it.
@@ -54,6 +54,7 @@ from urllib.parse import urlsplit
 from agents.token_refresher.config import ControllerLinkConfig
 from agents.token_refresher.metrics import InjectorMetrics
 from agents.token_refresher.spec import PREFIXES, TO_INJECT
+from agents.token_refresher.tls import TlsMaterialError, client_context
 
 log = logging.getLogger(__name__)
 
@@ -444,13 +445,6 @@ class CaConfigMap:
         return text
 
 
-def client_context(ca_bundle_pem: str) -> ssl.SSLContext:
-    """Trust only this bundle, verify the server's name (until tls.py lands)."""
-    context = ssl.create_default_context(cadata=ca_bundle_pem)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
-
-
 # -- the stream ---------------------------------------------------------------------------
 
 
@@ -781,10 +775,10 @@ class FileClient:
             raise _Failure("ca", str(err)) from None
         self._ca_fresh = False
         try:
-            context = client_context(pem)
-        except ssl.SSLError as err:
+            context = client_context(pem)  # trusts this bundle only, checks host names
+        except TlsMaterialError as err:
             self._ca_fresh = True
-            raise _Failure("ca", f"the CA bundle is not usable: {err}") from None
+            raise _Failure("ca", str(err)) from None
         conn = _Connection(endpoint, context, self.config.connect_timeout)
         delivered = False
         try:
