@@ -140,7 +140,7 @@ def claim(pod: dict[str, Any], **changes: str) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class TestCerts:
+class LoopbackCerts:
     ca_pem: bytes
     cert_file: Path
     key_file: Path
@@ -156,7 +156,7 @@ class TestCerts:
         return context
 
 
-def make_certs(directory: Path) -> TestCerts:
+def make_certs(directory: Path) -> LoopbackCerts:
     """A CA and a serving certificate for localhost / 127.0.0.1 (EC P-256)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -218,7 +218,7 @@ def make_certs(directory: Path) -> TestCerts:
             serialization.NoEncryption(),
         )
     )
-    return TestCerts(ca.public_bytes(serialization.Encoding.PEM), cert_file, key_file)
+    return LoopbackCerts(ca.public_bytes(serialization.Encoding.PEM), cert_file, key_file)
 
 
 # -- the client side

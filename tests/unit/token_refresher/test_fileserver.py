@@ -29,8 +29,8 @@ from tests.support.token_files import (
     CONTROLLER_NS,
     REFRESH_TOKEN,
     FilesStream,
+    LoopbackCerts,
     Received,
-    TestCerts,
     access_token,
     claim,
     injector_token,
@@ -62,7 +62,7 @@ class Files:
     server: FileServer
     controller: Controller
     registry: CollectorRegistry
-    certs: TestCerts
+    certs: LoopbackCerts
     received: Received
 
     def open(self, token: str | None, pods: list[dict[str, Any]], **kw: Any) -> FilesStream:
@@ -424,7 +424,7 @@ def test_problems_are_reported_as_the_injector_did(files: Files) -> None:
             'no token Secret nope in namespace apps (a Secret annotated is-token: "true")',
         ),
         "broken": ("bad_secret", "token Secret broken: Secret is missing clientID, clientSecret"),
-        "no-template": ("bad_template", "template ConfigMap x not found"),
+        "no-tmpl": ("bad_template", "template ConfigMap x not found"),
     }
 
 
