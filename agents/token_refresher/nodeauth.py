@@ -235,6 +235,11 @@ class NodeAuthenticator:
         # injector pod: bounded by the number of nodes.
         self._pods: dict[tuple[str, str], tuple[str | Forbidden, float]] = {}
 
+    @property
+    def cached_reviews(self) -> int:
+        with self._lock:
+            return len(self._reviews)
+
     def authenticate(self, token: str, *, fresh_pod: bool = False) -> Caller:
         """The injector behind `token`; `fresh_pod` reads its pod again (a stream's re-check)."""
         if not token:
