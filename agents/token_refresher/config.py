@@ -62,6 +62,9 @@ class FilesConfig:
     """Address to listen on; empty: every address (IPv4)."""
     port: int = 8443
     """The headless Service's `files` port."""
+    namespace: str = "default"
+    """The controller's own namespace (its ServiceAccount mount): the injector pods,
+    the TLS Secret and the CA ConfigMap are there."""
     audience: str = "node-agents.io/token-files"
     """Audience of the injectors' projected tokens: a token made for the API server
     or anyone else is refused by the TokenReview."""

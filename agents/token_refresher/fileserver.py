@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agents.token_refresher.claims import Claim, ClaimVerifier, Refusal, VerifiedPod
 from agents.token_refresher.config import FilesConfig
@@ -60,6 +60,9 @@ from agents.token_refresher.spec import (
     render,
     template_of,
 )
+
+if TYPE_CHECKING:  # tls imports cryptography: only the service needs it
+    from agents.token_refresher.tls import TlsKeeper
 
 log = logging.getLogger(__name__)
 
@@ -799,3 +802,129 @@ def _handler(files: FileServer) -> type[BaseHTTPRequestHandler]:
             log.debug("files http: " + format, *args)
 
     return Handler
+
+
+def build_file_server(
+    api_client: Any,
+    config: FilesConfig,
+    *,
+    namespace: str,
+    secrets: SecretSource,
+    secret_selector: str,
+    metrics: FilesMetrics,
+    ssl_context: ssl.SSLContext | None,
+) -> FileServer:
+    """The file server and its parts, as the controller runs it (not started)."""
+    return FileServer(
+        config,
+        authenticator=NodeAuthenticator(
+            api_client,
+            namespace=namespace,
+            metrics=metrics,
+            audience=config.audience,
+            service_account=config.injector_service_account,
+            selector=config.injector_selector,
+            review_ttl=config.review_ttl,
+            pod_ttl=config.pod_check_ttl,
+            max_reviews=config.max_reviews,
+            request_timeout=config.request_timeout,
+        ),
+        verifier=ClaimVerifier(
+            api_client,
+            metrics=metrics,
+            max_entries=config.max_verified_pods,
+            request_timeout=config.request_timeout,
+        ),
+        renderer=Renderer(
+            secrets,
+            TemplateCache(
+                api_client, refresh=config.template_refresh, request_timeout=config.request_timeout
+            ),
+            secret_selector=secret_selector,
+        ),
+        metrics=metrics,
+        ssl_context=ssl_context,
+    )
+
+
+class FileService:
+    """The file server as a controller replica runs it: waits for its TLS material
+    (tls.py: made, or read with `--tls-external`), serves, and swaps in a renewed
+    certificate for the next handshakes. Without TLS material the replica still
+    refreshes tokens; it is only not ready (the headless Service leaves it out)."""
+
+    def __init__(
+        self,
+        api_client: Any,
+        config: FilesConfig,
+        *,
+        namespace: str,
+        secrets: SecretSource,
+        secret_selector: str,
+        metrics: FilesMetrics,
+        keeper: TlsKeeper,
+        tls_interval: float = 3600.0,
+        tls_retry: float = 60.0,
+    ) -> None:
+        self.api_client = api_client
+        self.config = config
+        self.namespace = namespace
+        self.secrets = secrets
+        self.secret_selector = secret_selector
+        self.metrics = metrics
+        self.keeper = keeper
+        self.tls_interval = tls_interval
+        self.tls_retry = tls_retry
+        self.server: FileServer | None = None
+        self.serving = threading.Event()
+        """Set once the server listens (readiness waits for it)."""
+
+    def secret_changed(self, type_: str, secret: dict[str, Any]) -> None:
+        """The Controller's listener: forwarded once the server runs (no stream before)."""
+        server = self.server
+        if server is not None:
+            server.secret_changed(type_, secret)
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve until `stop` (a thread's body)."""
+        from agents.token_refresher.tls import ServingContext, TlsError
+
+        material = None
+        while material is None and not stop.is_set():
+            try:
+                material = self.keeper.ensure()
+            except TlsError as err:
+                log.error(
+                    "no TLS material for the file server: %s; retrying in %.0fs",
+                    err,
+                    self.tls_retry,
+                )
+                stop.wait(self.tls_retry)
+        if material is None:
+            return
+        context = ServingContext(material)
+        try:
+            server = build_file_server(
+                self.api_client,
+                self.config,
+                namespace=self.namespace,
+                secrets=self.secrets,
+                secret_selector=self.secret_selector,
+                metrics=self.metrics,
+                ssl_context=context.context,
+            )
+        except OSError as err:
+            log.error("cannot serve token files on port %d: %s", self.config.port, err)
+            return
+        self.server = server.start()
+        self.serving.set()
+        try:
+            self.keeper.maintain(
+                stop,
+                interval=self.tls_interval,
+                retry=self.tls_retry,
+                on_change=context.update,
+            )
+        finally:
+            self.server = None
+            server.close()

@@ -7,9 +7,12 @@ the injector writes files, local mode does both on one node.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from agents.token_refresher.config import OFFLINE_IDLE
 
@@ -225,3 +228,24 @@ class FilesMetrics:
             self.refused_pods.labels(reason)
         for outcome in REVIEW_OUTCOMES:
             self.reviews.labels(outcome)
+
+
+class TlsExpiry(Collector):
+    """Seconds left on the serving and CA certificates, computed at scrape."""
+
+    def __init__(
+        self, registry: CollectorRegistry, seconds_left: Callable[[], Mapping[str, float]]
+    ) -> None:
+        self._seconds_left = seconds_left
+        registry.register(self)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            f"{PREFIX}_tls_certificate_expiry_seconds",
+            "Seconds until the file server's certificates expire: serving, ca "
+            "(absent until the TLS material is read).",
+            labels=["certificate"],
+        )
+        for certificate, seconds in sorted(self._seconds_left().items()):
+            family.add_metric([certificate], seconds)
+        yield family
