@@ -85,8 +85,14 @@ exec $B switch_root /newroot /bin/sh /.node-agents-vm/guest.sh
 GUEST = r"""
 mount -t proc proc /proc
 mount -t sysfs sys /sys
+# A checkout under /tmp or /run (a CI clone in /tmp) would be hidden by the
+# fresh tmpfs there: keep it at its path, where the venv's shebangs point.
+mkdir -p /.node-agents-vm/cwd
+mount --bind {cwd} /.node-agents-vm/cwd
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs -o mode=0755 tmpfs /run
+mkdir -p {cwd}
+mount --move /.node-agents-vm/cwd {cwd}
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 from kubernetes_validate import utils as schemas
 
+from agents.gpu_enforcer.cli import config_from_args as enforcer_config
 from tests.unit.test_manifests import (
     CONTAINERFILE,
     NAMESPACE,
@@ -35,12 +37,14 @@ from tests.unit.test_manifests import (
     load_docs,
 )
 from tests.unit.test_manifests_gpu import ALLOWED_RULES as ENFORCER_RULES
+from tests.unit.test_manifests_gpu import EVICT_COMPONENT, EVICT_RULES
 from tests.unit.test_manifests_token import (
     CONTROLLER_RULES,
     EVENT_RULES,
     FORBIDDEN_RESOURCES,
     INJECTOR_CAPABILITIES,
     INJECTOR_RULES,
+    TLS_RULES,
     Grant,
     parsed,
     resolved_env,
@@ -585,22 +589,24 @@ ALLOWED_GRANTS: dict[str, dict[Grant, set[str]]] = {
     # Events on its Node, nothing read from the API.
     SA_HEALER: EVENT_RULES,
     # Its node's pods (a field-selected watch), their Namespaces, its Node,
-    # evictions, Events.
+    # Events. No evictions: the opt-in component gpu-enforcer/evict adds them.
     SA_ENFORCER: {
         ("cluster", group, res, ()): verbs for (group, res), verbs in ENFORCER_RULES.items()
     },
-    # Token Secrets (read and write), pods to put Events on, its own Lease.
+    # Token Secrets (read and write), templates, pods (claims checked, Events),
+    # TokenReviews of the injectors' tokens, its own Lease, TLS Secret and CA.
     SA_CONTROLLER: {
         **CONTROLLER_RULES,
         (NAMESPACE, "coordination.k8s.io", "leases", ()): {"create"},
         (NAMESPACE, "coordination.k8s.io", "leases", (LEASE_NAME,)): {"get", "update"},
+        **TLS_RULES,
     },
-    # Its node's pods, the Secrets and template ConfigMaps they name (read only).
+    # Its node's pods and its CA ConfigMap (read only), Events. No Secret.
     SA_INJECTOR: INJECTOR_RULES,
 }
-# Only the token refresher handles tokens; the healer and the enforcer never
-# see a Secret.
-SECRET_ACCOUNTS = {SA_CONTROLLER, SA_INJECTOR}
+# Only the token refresher's controller handles Secrets; the injector gets its
+# files from the controller, the healer and the enforcer never see a Secret.
+SECRET_ACCOUNTS = {SA_CONTROLLER}
 # Verbs that grant more than they name: RBAC escalation and acting as another identity.
 FORBIDDEN_VERBS = {"escalate", "bind", "impersonate"}
 RULE_KEYS = {"apiGroups", "resources", "verbs", "resourceNames"}
@@ -786,11 +792,21 @@ def _plant_cluster_admin(objects: list[Doc]) -> None:
     )
 
 
-def _plant_extra_verb(objects: list[Doc]) -> None:
-    # Within the rules' shape, but more than the injector does: it never writes Secrets.
+def _plant_injector_secrets(objects: list[Doc]) -> None:
+    # Within the rules' shape, what the injector had before issue 10: it reads no Secret now.
     (role,) = [o for o in objects if identity(o) == ("ClusterRole", "", SA_INJECTOR)]
-    (secrets,) = [r for r in role["rules"] if r["resources"] == ["secrets"]]
-    secrets["verbs"].append("update")
+    role["rules"].append({"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]})
+
+
+def _plant_injector_every_config_map(objects: list[Doc]) -> None:
+    # Its CA Role without the name: every ConfigMap of the agents' namespace.
+    (role,) = [o for o in objects if identity(o) == ("Role", NAMESPACE, f"{SA_INJECTOR}-ca")]
+    del role["rules"][0]["resourceNames"]
+
+
+def _plant_enforcer_eviction(objects: list[Doc]) -> None:
+    (role,) = [o for o in objects if identity(o) == ("ClusterRole", "", SA_ENFORCER)]
+    role["rules"].append({"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]})
 
 
 PLANTED: dict[str, tuple[Callable[[list[Doc]], None], str]] = {
@@ -804,7 +820,15 @@ PLANTED: dict[str, tuple[Callable[[list[Doc]], None], str]] = {
     "non-resource-urls": (_plant_non_resource_urls, "['nonResourceURLs'] (e.g. nonResourceURLs)"),
     "group-subject": (_plant_group_subject, "binds Group system:authenticated"),
     "cluster-admin": (_plant_cluster_admin, "binds ClusterRole cluster-admin, which is not in"),
-    "injector-writes-secrets": (_plant_extra_verb, "['update'] on core/secrets (cluster)"),
+    "injector-reads-secrets": (_plant_injector_secrets, f"{SA_INJECTOR}: Secrets access (['get'])"),
+    "injector-reads-every-configmap": (
+        _plant_injector_every_config_map,
+        f"{SA_INJECTOR}: ['get'] on core/configmaps ({NAMESPACE}) beyond",
+    ),
+    "enforcer-evicts-by-default": (
+        _plant_enforcer_eviction,
+        f"{SA_ENFORCER}: ['create'] on core/pods/eviction (cluster) beyond",
+    ),
 }
 
 
@@ -827,6 +851,60 @@ def test_rbac_violations_report_each_planted_wildcard_together() -> None:
     assert f"ClusterRole {SA_ENFORCER} rules[0]: wildcard in verbs: ['*']" in found
     assert f"ClusterRole {SA_INJECTOR} rules[0]: wildcard in resources: ['*']" in found
     assert f"ClusterRole {SA_CONTROLLER} rules[0]: forbidden resource ['pods/exec']" in found
+
+
+def overlay(tmp_path: Path, components: list[Path]) -> Path:
+    """An overlay in `tmp_path` of manifests/all with `components`, as an operator writes it."""
+    # Kustomize takes relative paths only.
+    rel = [Path(os.path.relpath(p, tmp_path)).as_posix() for p in (ALL, *components)]
+    lines = [
+        "apiVersion: kustomize.config.k8s.io/v1beta1",
+        "kind: Kustomization",
+        "resources:",
+        f"  - {rel[0]}",
+        "components:",
+        *(f"  - {c}" for c in rel[1:]),
+    ]
+    (tmp_path / "kustomization.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return tmp_path
+
+
+def test_default_bundle_grants_no_eviction() -> None:
+    (kust,) = load_docs(ALL / "kustomization.yaml")
+    assert "components" not in kust, "opt-in components are the overlay's choice"
+    for account, grants in granted(kustomize(ALL)).items():
+        assert not [g for g in grants if g[2] == "pods/eviction"], account
+
+
+def test_evict_component_adds_exactly_eviction_and_the_action(tmp_path: Path) -> None:
+    objects = kustomize(overlay(tmp_path, [EVICT_COMPONENT]))
+    default = kustomize(ALL)
+    assert schema_violations(objects, schema_version()) == []
+    assert crd_violations(objects) == []
+    # Exactly one grant more, the enforcer's, cluster-wide.
+    evict = {("cluster", group, res, ()): verbs for (group, res), verbs in EVICT_RULES.items()}
+    with_evict = {**ALLOWED_GRANTS, SA_ENFORCER: {**ALLOWED_GRANTS[SA_ENFORCER], **evict}}
+    assert granted(objects) == with_evict
+    assert rbac_violations(objects, with_evict) == []
+    # The default allowance reports it: nothing grants eviction unnoticed.
+    assert any("pods/eviction" in v for v in rbac_violations(objects))
+    # Every object as in manifests/all, but the enforcer's DaemonSet and the new grant.
+    before = {identity(o): o for o in default}
+    after = {identity(o): o for o in objects}
+    changed = {k for k in before.keys() & after.keys() if before[k] != after[k]}
+    assert changed == {("DaemonSet", NAMESPACE, SA_ENFORCER)}
+    assert {kind for kind, _, _ in after.keys() - before.keys()} == {
+        "ClusterRole",
+        "ClusterRoleBinding",
+    }
+    for obj in (after[k] for k in after.keys() - before.keys()):
+        assert obj["metadata"]["labels"][PART_OF] == NAMESPACE, ref(obj)
+    # What the enforcer then does: --action evict, through its own CLI.
+    (c,) = pod_template(after[("DaemonSet", NAMESPACE, SA_ENFORCER)])["containers"]
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+    config, _local = enforcer_config([], env)
+    assert config.action == "evict"
+    assert pod_security_violations(objects) == []
 
 
 # --- security contexts --------------------------------------------------------------

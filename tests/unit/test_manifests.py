@@ -133,12 +133,17 @@ BASES = {
     "gpu-enforcer": ("gpu-mem-enforcer", "time-slicing-config.yaml"),
     "token-refresher": ("token-refresher", "example.yaml"),
 }
+# Components (e.g. gpu-enforcer/evict) included.
 BASE_FILES = [
-    (base, path) for base in BASES for path in sorted((REPO / "manifests" / base).glob("*.yaml"))
+    (base, path) for base in BASES for path in sorted((REPO / "manifests" / base).rglob("*.yaml"))
 ]
 
 
-@pytest.mark.parametrize(("base", "path"), BASE_FILES, ids=[f"{b}/{p.name}" for b, p in BASE_FILES])
+@pytest.mark.parametrize(
+    ("base", "path"),
+    BASE_FILES,
+    ids=[str(p.relative_to(REPO / "manifests")) for _, p in BASE_FILES],
+)
 def test_every_yaml_document_is_a_kubernetes_object(base: str, path: Path) -> None:
     docs = load_docs(path)
     assert docs, f"{base}/{path.name} has no YAML documents"

@@ -36,13 +36,16 @@ DEFAULT_METRICS_PORT = 9102
 DEVICE_PLUGIN_ENV = f"{ENV_PREFIX}DEVICE_PLUGIN_CONFIG"
 
 # (apiGroup, resource) -> verbs: everything the enforcer may do, and no more.
+# kill and observe need nothing more; evict is the opt-in component evict/.
 ALLOWED_RULES = {
     ("", "pods"): {"get", "list", "watch"},
     ("", "namespaces"): {"get"},
     ("", "nodes"): {"get"},
-    ("", "pods/eviction"): {"create"},
     **{(group, "events"): EVENT_VERBS for group in EVENT_GROUPS},
 }
+# What the component evict/ adds, cluster-wide (nothing narrower exists in RBAC).
+EVICT_RULES = {("", "pods/eviction"): {"create"}}
+EVICT_COMPONENT = BASE / "evict"
 
 
 def pod_spec() -> Doc:
@@ -222,6 +225,7 @@ def test_rbac_is_exactly_what_the_enforcer_uses() -> None:
             assert not any("*" in item for item in rule[key]), f"wildcard in {key}: {rule}"
         assert "pods/exec" not in rule["resources"]
         assert "secrets" not in rule["resources"]
+        assert "pods/eviction" not in rule["resources"], "evict is the opt-in component"
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 granted.setdefault((group, resource), set()).update(rule["verbs"])
@@ -263,3 +267,26 @@ def test_kustomize_renders_the_base() -> None:
     assert kinds == sorted(
         ["DaemonSet", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "PodMonitor"]
     )
+
+
+def test_evict_component_grants_eviction_and_sets_the_action() -> None:
+    (kust,) = load_docs(EVICT_COMPONENT / "kustomization.yaml")
+    assert kust["kind"] == "Component"
+    assert kust["apiVersion"] == "kustomize.config.k8s.io/v1alpha1"
+    docs = [doc for name in kust["resources"] for doc in load_docs(EVICT_COMPONENT / name)]
+    role = only("ClusterRole", docs)
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]}
+    ]
+    binding = only("ClusterRoleBinding", docs)
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    account = only("ServiceAccount", base_objects(BASE))["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}
+    ]
+    # The blast radius is written next to the grant.
+    comments = (EVICT_COMPONENT / "kustomization.yaml").read_text(encoding="utf-8").lower()
+    for words in ("cluster-wide", "poddisruptionbudget", "any pod", "components:"):
+        assert words in comments, words
+    # The base does not include it.
+    assert "components" not in load_docs(BASE / "kustomization.yaml")[0]

@@ -59,15 +59,36 @@ Grant = tuple[str, str, str, tuple[str, ...]]
 EVENT_RULES: dict[Grant, set[str]] = {
     ("cluster", group, "events", ()): EVENT_VERBS for group in EVENT_GROUPS
 }
+# The names the controller and the injector agree on (issue 10's contract):
+# the controller's TLS Secret and the CA ConfigMap injectors trust, both in
+# the agents' namespace, and the audience of the injector's projected token.
+TLS_SECRET = "token-refresher-tls"
+CA_CONFIGMAP = "token-refresher-ca"
+FILES_AUDIENCE = "node-agents.io/token-files"
+FILES_PORT = 8443
+SERVICE = "token-refresher-controller"
 CONTROLLER_RULES: dict[Grant, set[str]] = {
     ("cluster", "", "secrets", ()): {"get", "list", "watch", "update", "patch"},
-    ("cluster", "", "pods", ()): {"list"},
+    # Claims about pods checked by GET; Events on the pods of a failed Secret.
+    ("cluster", "", "pods", ()): {"get", "list", "watch"},
+    # Templates, rendered on the controller's side.
+    ("cluster", "", "configmaps", ()): {"get"},
+    # The injectors' projected tokens.
+    ("cluster", "authentication.k8s.io", "tokenreviews", ()): {"create"},
     **EVENT_RULES,
 }
+# Its own TLS Secret and CA ConfigMap: created once (create cannot be limited
+# by name), the CA ConfigMap rotated; reading and rotating the Secret is the
+# cluster-wide rule above.
+TLS_RULES: dict[Grant, set[str]] = {
+    (NAMESPACE, "", "secrets", ()): {"create"},
+    (NAMESPACE, "", "configmaps", ()): {"create"},
+    (NAMESPACE, "", "configmaps", (CA_CONFIGMAP,)): {"update"},
+}
+# No Secret, no ConfigMap but the CA.
 INJECTOR_RULES: dict[Grant, set[str]] = {
     ("cluster", "", "pods", ()): {"get", "list", "watch"},
-    ("cluster", "", "secrets", ()): {"get", "list", "watch"},
-    ("cluster", "", "configmaps", ()): {"get"},
+    (NAMESPACE, "", "configmaps", (CA_CONFIGMAP,)): {"get"},
     **EVENT_RULES,
 }
 INJECTOR_CAPABILITIES = {"SYS_PTRACE", "CHOWN", "FOWNER", "DAC_OVERRIDE"}
@@ -171,6 +192,32 @@ def granted_to(account: str, docs: list[Doc]) -> dict[Grant, set[str]]:
     return granted
 
 
+def may(
+    grants: dict[Grant, set[str]],
+    verb: str,
+    resource: str,
+    namespace: str,
+    name: str = "",
+    *,
+    group: str = "",
+) -> bool:
+    """Whether RBAC allows the request, given what `granted_to` found.
+
+    A ClusterRoleBinding's rule applies in every namespace, a RoleBinding's in
+    its own; a rule with resourceNames applies only to requests for one of
+    those names (a list or watch of everything has no name: `name` "").
+    """
+    for (scope, rule_group, rule_resource, names), verbs in grants.items():
+        if (rule_group, rule_resource) != (group, resource) or verb not in verbs:
+            continue
+        if scope not in ("cluster", namespace):
+            continue
+        if names and name not in names:
+            continue
+        return True
+    return False
+
+
 def comment_text(path: Path) -> str:
     """The comments of a YAML file, one line each, without the `#`."""
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -267,7 +314,9 @@ def test_optional_ca_bundle_is_a_consistent_commented_example() -> None:
     volume = re.search(r"name: ca-bundle\s+configMap:\s+name: (\S+)", comments)
     assert bundle and mount and volume, "the commented CA bundle example is incomplete"
     assert str(PurePosixPath(bundle.group(1)).parent) == mount.group(1)
-    assert volume.group(1) == "token-refresher-ca"
+    # Not the CA ConfigMap of the controller's own TLS, which it writes.
+    assert volume.group(1) == "token-refresher-idp-ca"
+    assert volume.group(1) != CA_CONFIGMAP
     # Commented out by default: the system store is used.
     assert f"{ENV_PREFIX}CA_BUNDLE" not in resolved_env("controller")
     assert "volumes" not in pod_spec("controller")
@@ -421,11 +470,11 @@ def test_rbac_is_exactly_what_each_account_uses() -> None:
         # Everything else on the one Lease the controller uses.
         (NAMESPACE, "coordination.k8s.io", "leases", (lease_name,)): {"get", "update"},
     }
-    assert granted_to(ACCOUNT["controller"], docs) == {**CONTROLLER_RULES, **leader_rules}
-    injector = granted_to(ACCOUNT["injector"], docs)
-    assert injector == INJECTOR_RULES
-    # Spelled out: only the leader-elected controller ever writes a Secret.
-    assert not injector[("cluster", "", "secrets", ())] & WRITE_VERBS
+    controller = granted_to(ACCOUNT["controller"], docs)
+    assert controller == {**CONTROLLER_RULES, **leader_rules, **TLS_RULES}
+    assert granted_to(ACCOUNT["injector"], docs) == INJECTOR_RULES
+    # Spelled out: the controller writes Secrets but deletes none.
+    assert not may(controller, "delete", "secrets", NAMESPACE, TLS_SECRET)
 
 
 def test_leader_role_is_namespaced_where_the_lease_is() -> None:
@@ -447,7 +496,9 @@ def test_podmonitor_scrapes_both_workloads_on_the_metrics_port() -> None:
     selector = monitor["spec"]["selector"]["matchLabels"]
     for role in ROLES:
         assert selector.items() <= pod_labels(role).items(), f"the {role} is not scraped"
-        assert [p["name"] for p in container(role)["ports"]] == ["metrics"]
+    # The controller's other port is the file server (HTTPS, not metrics).
+    assert [p["name"] for p in container("controller")["ports"]] == ["metrics", "files"]
+    assert [p["name"] for p in container("injector")["ports"]] == ["metrics"]
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
     node_label = {"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"}
     assert endpoint == {
@@ -457,6 +508,215 @@ def test_podmonitor_scrapes_both_workloads_on_the_metrics_port() -> None:
         "relabelings": [node_label],  # alerts and the dashboard name the node
     }
     assert monitor["spec"]["podTargetLabels"] == [COMPONENT]
+
+
+def test_injector_reads_no_secret_and_no_config_map_but_its_ca() -> None:
+    # The injector's token is on every node: root on any one of them has it.
+    injector = granted_to(ACCOUNT["injector"], load_docs(BASE / "rbac.yaml"))
+    for namespace in (NAMESPACE, "kube-system", "team-a"):
+        for verb in ("get", "list", "watch"):
+            assert not may(injector, verb, "secrets", namespace), (verb, namespace)
+            assert not may(injector, verb, "secrets", namespace, TLS_SECRET), (verb, namespace)
+            assert not may(injector, verb, "configmaps", namespace), (verb, namespace)
+            assert not may(injector, verb, "configmaps", namespace, "eos-template")
+    # Its CA, by name, where the controller publishes it; nowhere else.
+    assert may(injector, "get", "configmaps", NAMESPACE, CA_CONFIGMAP)
+    assert not may(injector, "get", "configmaps", "team-a", CA_CONFIGMAP)
+    # It writes nothing but Events (not even its CA).
+    written = {r for (_, _, r, _), verbs in injector.items() if verbs & WRITE_VERBS}
+    assert written == {"events"}
+
+
+def test_controller_reviews_tokens_and_checks_pods_and_templates() -> None:
+    controller = granted_to(ACCOUNT["controller"], load_docs(BASE / "rbac.yaml"))
+    assert may(controller, "create", "tokenreviews", "", group="authentication.k8s.io")
+    # A claimed pod of any namespace, one GET each; a template in the pod's namespace.
+    assert may(controller, "get", "pods", "team-a", "notebook-0")
+    assert may(controller, "get", "configmaps", "team-a", "eos-template")
+    # Its TLS objects: the first ones created, the CA rotated, in its namespace only.
+    assert may(controller, "create", "secrets", NAMESPACE)
+    assert may(controller, "create", "configmaps", NAMESPACE)
+    assert may(controller, "update", "configmaps", NAMESPACE, CA_CONFIGMAP)
+    assert may(controller, "update", "secrets", NAMESPACE, TLS_SECRET)
+    assert not may(controller, "create", "secrets", "team-a")
+    assert not may(controller, "update", "configmaps", NAMESPACE, "another")
+    assert not may(controller, "update", "configmaps", "team-a", CA_CONFIGMAP)
+
+
+def projected_token() -> tuple[Doc, Doc]:
+    """(volumeMount, serviceAccountToken source) of the injector's controller token."""
+    volumes = {v["name"]: v for v in pod_spec("injector")["volumes"]}
+    found = [
+        (mount, source["serviceAccountToken"])
+        for mount in container("injector")["volumeMounts"]
+        for source in volumes[mount["name"]].get("projected", {}).get("sources", [])
+        if "serviceAccountToken" in source
+    ]
+    assert len(found) == 1, "one projected ServiceAccount token for the controller"
+    return found[0]
+
+
+def state_volume() -> tuple[Doc, Doc]:
+    """(volumeMount, volume) of the injector's state directory."""
+    volumes = {v["name"]: v for v in pod_spec("injector")["volumes"]}
+    (found,) = [
+        (m, volumes[m["name"]])
+        for m in container("injector")["volumeMounts"]
+        if "emptyDir" in volumes[m["name"]]
+    ]
+    return found
+
+
+def test_injector_proves_its_node_with_a_token_for_the_controller_only() -> None:
+    mount, token = projected_token()
+    # An audience of its own: the API server and other services reject it.
+    assert token["audience"] == FILES_AUDIENCE
+    assert token["path"] == "token"
+    assert mount["mountPath"] == "/var/run/secrets/node-agents.io/token-files"
+    assert mount["readOnly"] is True
+    # Kubelet rotates at 80 % of the lifetime; the API's minimum is 600 s.
+    assert 600 <= token["expirationSeconds"] <= 3600
+    # Distinct from the API credentials (the default token mount).
+    assert not mount["mountPath"].startswith("/var/run/secrets/kubernetes.io/")
+
+
+def test_injector_keeps_its_last_copy_in_memory_across_container_restarts() -> None:
+    mount, volume = state_volume()
+    assert mount["mountPath"] == "/var/lib/token-injector"
+    assert mount.get("readOnly", False) is False
+    # tmpfs: the node's access tokens never reach its disk; bounded.
+    assert volume["emptyDir"]["medium"] == "Memory"
+    assert volume["emptyDir"]["sizeLimit"]
+    # The root filesystem stays read-only: the emptyDir is the only writable place.
+    assert container("injector")["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_injector_names_agree_with_its_cli_defaults() -> None:
+    # The manifest sets none of these: the defaults must point where it mounts.
+    args = parsed(resolved_env("injector"), "injector")
+    mount, token = projected_token()
+    assert args.controller_token_file == f"{mount['mountPath']}/{token['path']}"
+    assert str(PurePosixPath(args.state_file).parent) == state_volume()[0]["mountPath"]
+    assert args.ca_configmap == CA_CONFIGMAP
+    urls = args.controller_url
+    (url,) = urls if isinstance(urls, (list, tuple)) else str(urls).split(",")
+    # The headless Service, in the injector's namespace (DNS search path), its port.
+    assert url == f"https://{SERVICE}:{FILES_PORT}"
+
+
+def test_controller_names_agree_with_its_cli_defaults() -> None:
+    args = parsed(resolved_env("controller"), "controller")
+    address = args.files_address
+    port = getattr(address, "port", None) or int(str(address).rpartition(":")[2])
+    (files,) = [p for p in container("controller")["ports"] if p["name"] == "files"]
+    assert port == files["containerPort"] == FILES_PORT
+    assert args.files_audience == projected_token()[1]["audience"]
+    assert args.tls_secret == TLS_SECRET
+    assert args.ca_configmap == CA_CONFIGMAP
+    assert args.injector_service_account == pod_spec("injector")["serviceAccountName"]
+    selector = dict(pair.split("=", 1) for pair in str(args.injector_selector).split(","))
+    assert selector.items() <= pod_labels("injector").items()
+    assert not selector.items() <= pod_labels("controller").items()
+
+
+# What NodeRestriction forbids a kubelet to set on its own Node (plugin/pkg/admission/
+# noderestriction: getForbiddenLabels): node-restriction labels, and kubernetes.io /
+# k8s.io labels other than the kubelet's own. Any other label a compromised node
+# could put on itself to attract the controller.
+KUBELET_LABELS = {
+    "kubernetes.io/hostname",
+    "kubernetes.io/os",
+    "kubernetes.io/arch",
+    "beta.kubernetes.io/os",
+    "beta.kubernetes.io/arch",
+    "beta.kubernetes.io/instance-type",
+    "node.kubernetes.io/instance-type",
+    "failure-domain.beta.kubernetes.io/zone",
+    "failure-domain.beta.kubernetes.io/region",
+    "topology.kubernetes.io/zone",
+    "topology.kubernetes.io/region",
+}
+
+
+def kubelet_may_set(label: str) -> bool:
+    domain = label.partition("/")[0] if "/" in label else ""
+
+    def within(parent: str) -> bool:
+        return domain == parent or domain.endswith(f".{parent}")
+
+    if within("node-restriction.kubernetes.io"):
+        return False
+    if within("kubernetes.io") or within("k8s.io"):
+        own = within("kubelet.kubernetes.io") or within("node.kubernetes.io")
+        return label in KUBELET_LABELS or own
+    return True
+
+
+def test_kubelet_label_rules_as_noderestriction_has_them() -> None:
+    assert kubelet_may_set("node-agents.io/trusted-infra")
+    assert kubelet_may_set("kubernetes.io/hostname")
+    assert not kubelet_may_set("node-role.kubernetes.io/control-plane")
+    assert not kubelet_may_set("node-restriction.kubernetes.io/pool")
+    assert not kubelet_may_set("example.com.node-restriction.kubernetes.io/fips")
+
+
+def test_controller_runs_only_on_nodes_a_tenant_kubelet_cannot_qualify() -> None:
+    spec_ = pod_spec("controller")
+    required = spec_["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    terms = required["nodeSelectorTerms"]
+    # OR-ed terms: a control-plane node, or one the operator labels.
+    assert terms == [
+        {
+            "matchExpressions": [
+                {"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}
+            ]
+        },
+        {
+            "matchExpressions": [
+                {
+                    "key": "node-agents.io.node-restriction.kubernetes.io/trusted-infra",
+                    "operator": "In",
+                    "values": ["true"],
+                }
+            ]
+        },
+    ]
+    for term in terms:
+        assert "matchFields" not in term
+        for expression in term["matchExpressions"]:
+            # No kubelet can label its own node into the controller's pool.
+            assert not kubelet_may_set(expression["key"]), expression["key"]
+            assert expression["operator"] in ("Exists", "In")
+    # The control-plane taint is tolerated, nothing else (no blanket toleration).
+    assert spec_["tolerations"] == [
+        {
+            "key": "node-role.kubernetes.io/control-plane",
+            "operator": "Exists",
+            "effect": "NoSchedule",
+        }
+    ]
+    assert "nodeSelector" not in spec_
+    # Every replica serves files: two, spread over nodes where possible.
+    assert workload("controller")["spec"]["replicas"] == 2
+    assert spec_["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    # Documented where it is set: why, and how an overlay changes it.
+    comments = comment_text(BASE / "controller.yaml")
+    assert "tenant" in comments and "nodeSelectorTerms" in comments
+
+
+def test_service_is_headless_over_the_ready_controllers_files_port() -> None:
+    service = only("Service", base_objects(BASE))
+    assert service["metadata"]["name"] == SERVICE
+    spec_ = service["spec"]
+    # One DNS record per replica, so that an injector can move between them.
+    assert spec_["clusterIP"] == "None"
+    assert spec_["publishNotReadyAddresses"] is False
+    (port,) = spec_["ports"]
+    assert port["name"] == "files"
+    assert port["port"] == FILES_PORT
+    (files,) = [p for p in container("controller")["ports"] if p["name"] == port["targetPort"]]
+    # Headless: no port mapping, the injector dials the pod's port itself.
+    assert files["containerPort"] == port["port"]
 
 
 # --- the user example (not a resource) ----------------------------------------------
@@ -541,7 +801,9 @@ def test_kustomize_renders_the_base() -> None:
     assert kinds == sorted(
         ["ServiceAccount"] * 2
         + ["ClusterRole", "ClusterRoleBinding"] * 2
-        + ["Role", "RoleBinding", "Deployment", "DaemonSet", "PodMonitor"]
+        # The Lease, the controller's TLS objects, the injector's CA.
+        + ["Role", "RoleBinding"] * 3
+        + ["Deployment", "Service", "DaemonSet", "PodMonitor"]
     )
     # Labels, namespace and selectors: test_manifests checks them for every base.
     # Here: each role's selector picks its own pods, not the other role's.
@@ -549,6 +811,10 @@ def test_kustomize_renders_the_base() -> None:
         selector = workload(role, docs)["spec"]["selector"]["matchLabels"]
         (other,) = [r for r in ROLES if r != role]
         assert not selector.items() <= pod_labels(other, docs).items(), role
+    # The Service selects the controller's pods only (labels as rendered).
+    selector = only("Service", docs)["spec"]["selector"]
+    assert selector.items() <= pod_labels("controller", docs).items()
+    assert not selector.items() <= pod_labels("injector", docs).items()
     # The permissions per account are unchanged by rendering.
     assert granted_to(ACCOUNT["injector"], docs) == INJECTOR_RULES
     assert granted_to(ACCOUNT["controller"], docs).keys() >= CONTROLLER_RULES.keys()
