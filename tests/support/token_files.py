@@ -4,19 +4,23 @@ every byte it received (tests scan them for refresh tokens and client secrets)."
 
 from __future__ import annotations
 
-import datetime
 import http.client
-import ipaddress
 import json
 import ssl
 import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from agents.token_refresher.spec import OUR_PREFIX
+from agents.token_refresher.tls import (
+    TlsMaterial,
+    client_context,
+    issue_serving_cert,
+    make_ca,
+    server_context,
+)
 from tests.support.fake_kube import FakeKube
 from tests.support.tokens import token_secret_object
 
@@ -136,89 +140,35 @@ def claim(pod: dict[str, Any], **changes: str) -> dict[str, str]:
     return entry
 
 
-# -- TLS for tests (until the controller's own CA is at hand)
+# -- TLS: the controller's own CA and serving certificate (tls.py), for loopback
 
 
 @dataclass(frozen=True)
 class LoopbackCerts:
-    ca_pem: bytes
-    cert_file: Path
-    key_file: Path
+    ca_pem: str
+    material: TlsMaterial
 
     def server_context(self) -> ssl.SSLContext:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(self.cert_file, self.key_file)
-        return context
+        return server_context(self.material)
 
     def client_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(cadata=self.ca_pem.decode())
-        return context
+        return client_context(self.ca_pem)
 
 
-def make_certs(directory: Path) -> LoopbackCerts:
-    """A CA and a serving certificate for localhost / 127.0.0.1 (EC P-256)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
+def make_certs() -> LoopbackCerts:
+    """A CA and a serving certificate for localhost and 127.0.0.1, made as the controller does."""
+    now = time.time()
+    ca = make_ca(now)
+    serving = issue_serving_cert(ca, ["localhost", "127.0.0.1"], now)
+    material = TlsMaterial(
+        cert_pem=serving.cert_pem,
+        key_pem=serving.key_pem,
+        ca_pem=ca.cert_pem,
+        bundle_pem=ca.cert_pem,
+        serving_not_after=now + 3600,
+        ca_not_after=None,
     )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_file, key_file = directory / "tls.crt", directory / "tls.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return LoopbackCerts(ca.public_bytes(serialization.Encoding.PEM), cert_file, key_file)
+    return LoopbackCerts(ca.cert_pem, material)
 
 
 # -- the client side

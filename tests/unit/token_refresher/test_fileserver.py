@@ -108,7 +108,7 @@ def _files(
         TemplateCache(api, refresh=config.template_refresh),
         secret_selector=controller.config.secret_selector,
     )
-    certs = make_certs(tmp_path / "certs")
+    certs = make_certs()
     server = FileServer(
         config,
         authenticator=NodeAuthenticator(
