@@ -424,7 +424,7 @@ def test_problems_are_reported_as_the_injector_did(files: Files) -> None:
             'no token Secret nope in namespace apps (a Secret annotated is-token: "true")',
         ),
         "broken": ("bad_secret", "token Secret broken: Secret is missing clientID, clientSecret"),
-        "no-tmpl": ("bad_template", "template ConfigMap x not found"),
+        "no-template": ("bad_template", "template ConfigMap x not found"),
     }
 
 
