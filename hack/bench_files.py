@@ -54,6 +54,15 @@ def _rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+def _request(token: str, claims: list[dict[str, str]]) -> bytes:
+    body = json.dumps({"pods": claims}).encode()
+    head = (
+        "POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
 def client(spec_path: str) -> None:
     """Child: open every stream, wait for each first snapshot, report, then hold them."""
     spec = json.loads(Path(spec_path).read_text())
@@ -63,12 +72,7 @@ def client(spec_path: str) -> None:
     for entry in spec["streams"]:
         raw = socket.create_connection(("127.0.0.1", spec["port"]))
         sock = context.wrap_socket(raw, server_hostname="localhost")
-        body = json.dumps({"pods": entry["claims"]}).encode()
-        sock.sendall(
-            b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Authorization: Bearer {entry['token']}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
+        sock.sendall(_request(entry["token"], entry["claims"]))
         socks.append(sock)
     waiting = set(range(len(socks)))
     buffers = [b""] * len(socks)
@@ -182,12 +186,7 @@ def main() -> None:
         context = certs.client_context()
         raw = socket.create_connection(("127.0.0.1", server.port))
         sock = context.wrap_socket(raw, server_hostname="localhost")
-        body = json.dumps({"pods": [claim(p) for p in pods]}).encode()
-        sock.sendall(
-            b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Authorization: Bearer {token}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
+        sock.sendall(_request(token, [claim(p) for p in pods]))
         reader = sock.makefile("rb")
         while reader.readline().strip():
             pass  # headers
