@@ -492,3 +492,28 @@ def test_a_stream_ends_cleanly_after_its_lifetime(kube: FakeKube, api: Any, tmp_
         assert lines[0] == "snapshot" and set(lines[1:]) == {"heartbeat"}
     finally:
         gen.close()
+
+
+def test_a_client_that_does_not_read_holds_no_one_else(
+    kube: FakeKube, api: Any, tmp_path: Path
+) -> None:
+    gen = _files(kube, api, tmp_path, replace(FAST, send_timeout=0.5, heartbeat=5.0))
+    files = next(gen)
+    try:
+        put_token_secret(kube, "tok", "apps", access_token("x"))
+        stuck_pod = put_pod(kube, "stuck", "apps", "n1", inject=APP)
+        live_pod = put_pod(kube, "live", "apps", "n2", inject=APP)
+        stuck = files.open(injector_token(kube, put_injector(kube, "n1")), [stuck_pod])
+        live = files.open(injector_token(kube, put_injector(kube, "n2")), [live_pod])
+        stuck.snapshot()
+        live.snapshot()
+        # Snapshots of ~3 MB each that the stuck client never reads: its socket
+        # buffers fill, its writes time out; the live stream hears every update.
+        for i in range(4):
+            put_token_secret(kube, "tok", "apps", big := f"{i}" * (2 << 20))
+            started = time.monotonic()
+            assert _content(live.snapshot(timeout=5)["pods"][0]) == big
+            assert time.monotonic() - started < 1.5
+        wait_for(lambda: files.value("token_refresher_files_streams") == 1, 5)
+    finally:
+        gen.close()
