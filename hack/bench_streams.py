@@ -1,7 +1,7 @@
 """Measure the controller's file server: memory per open stream, time to serve N nodes,
 push latency of a Secret update to one node's files, cold claim verification.
 
-    .venv/bin/python -m hack.bench_files --nodes 300 --files 500
+    .venv/bin/python -m hack.bench_streams --nodes 300 --files 500
 
 The server (with the fake API) runs in this process; the injectors' streams are
 opened by a child process (raw TLS sockets, no threads), so that this process's
@@ -154,7 +154,7 @@ def main() -> None:
         spec = tmp / "spec.json"
         spec.write_text(json.dumps({"port": server.port, "ca": certs.ca_pem, "streams": streams}))
         child = subprocess.Popen(
-            [sys.executable, "-m", "hack.bench_files", "--client", str(spec)],
+            [sys.executable, "-m", "hack.bench_streams", "--client", str(spec)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
