@@ -880,7 +880,6 @@ class FileClient:
             level = logging.DEBUG if refusal.reason == "not_found" else logging.WARNING
             log.log(level, "controller refused pod %s/%s: %s", *_named(refusal))
         self.failures = 0
-        self._current.set()
         self._set_connected(True)
         if self._said != "ok":
             log.info(
@@ -891,6 +890,7 @@ class FileClient:
             )
             self._said = "ok"
         self._keep(merged, save=merged != kept)
+        self._current.set()  # after _keep: a waiter reads these files next
         return True
 
     def _refusal(self, endpoint: Endpoint, response: http.client.HTTPResponse) -> _Failure:
