@@ -170,6 +170,15 @@ def kube() -> Iterator[FakeKube]:
 
 
 @pytest.fixture
+def bundle_kube(bundle_rbac: list[dict[str, Any]]) -> Iterator[FakeKube]:
+    """A fake API enforcing the bundle's RBAC; a test using it ends by checking that
+    no request of an agent (running as its bundle ServiceAccount) was refused."""
+    with FakeKube(rbac_objects=bundle_rbac) as server:
+        yield server
+        assert server.denied() == []
+
+
+@pytest.fixture
 def bundle_rbac() -> list[dict[str, Any]]:
     """The ServiceAccounts and RBAC `manifests/all` renders, for `kube.enforce_rbac`
     (skipped without kubectl, failed in CI; rendered once per session)."""

@@ -26,6 +26,17 @@ OURS = "token-refresher.node-agents.io"
 STATUS = f"{OURS}/status"
 
 
+# The controller runs as its bundle ServiceAccount, under the bundle's RBAC,
+# with its Lease in the agents' namespace as deployed.
+AGENTS_NAMESPACE = "node-agents"
+CONTROLLER_ACCOUNT = f"{AGENTS_NAMESPACE}/token-refresher-controller"
+
+
+@pytest.fixture
+def kube(bundle_kube: FakeKube) -> FakeKube:
+    return bundle_kube
+
+
 @pytest.fixture
 def idp(tmp_path: Path) -> Iterator[TestIdP]:
     with TestIdP(tls=True, lifetime=2, workdir=tmp_path / "idp") as server:
@@ -84,7 +95,7 @@ def argv(kube: FakeKube, idp: TestIdP, tmp_path: Path, *extra: str) -> list[str]
     return [
         "controller",
         "--kubeconfig",
-        str(kube.kubeconfig(tmp_path / "kubeconfig")),
+        str(kube.kubeconfig(tmp_path / "kubeconfig", service_account=CONTROLLER_ACCOUNT)),
         "--token-url",
         idp.token_url,
         "--ca-bundle",
@@ -99,7 +110,7 @@ def argv(kube: FakeKube, idp: TestIdP, tmp_path: Path, *extra: str) -> list[str]
         "--files-address",
         "off",
         "--lease-namespace",
-        "default",
+        AGENTS_NAMESPACE,
         "--identity",
         "replica-a",
         *extra,
@@ -446,7 +457,7 @@ def test_only_the_lease_holder_refreshes_and_a_standby_takes_over(
             )
             assert second.value("token_refresher_leader") == 0
             assert second.value("token_refresher_refreshes_total", {"result": "ok"}) == 0
-            lease = kube.get("leases", "default", "token-refresher")
+            lease = kube.get("leases", AGENTS_NAMESPACE, "token-refresher")
             assert lease is not None and lease["spec"]["holderIdentity"] == "replica-a"
             first.stop.set()  # the leader shuts down and releases the Lease
             wait_for(lambda: second.value("token_refresher_leader") == 1, 15)
@@ -454,7 +465,7 @@ def test_only_the_lease_holder_refreshes_and_a_standby_takes_over(
                 lambda: second.value("token_refresher_refreshes_total", {"result": "ok"}) >= 1, 15
             )
             assert second.value("token_refresher_refreshes_total", {"result": "invalid_grant"}) == 0
-    lease = kube.get("leases", "default", "token-refresher")
+    lease = kube.get("leases", AGENTS_NAMESPACE, "token-refresher")
     assert lease is not None and lease["spec"]["leaseTransitions"] >= 1
 
 
@@ -474,7 +485,7 @@ def test_once_refreshes_what_is_due_and_exits(kube: FakeKube, idp: TestIdP, tmp_
     before = stored_token(kube)
     assert main(argv(kube, idp, tmp_path, "--once"), environ={}) == 0
     assert stored_token(kube)["refresh_token"] != before["refresh_token"]
-    lease = kube.get("leases", "default", "token-refresher")
+    lease = kube.get("leases", AGENTS_NAMESPACE, "token-refresher")
     assert lease is not None and lease["spec"]["holderIdentity"] == ""  # released
 
 

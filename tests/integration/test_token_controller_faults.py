@@ -43,6 +43,17 @@ RECOVERED_LIFETIME = 10
 on), well before their refresh token dies with them (see tests/support/idp.py)."""
 
 
+# The controller runs as its bundle ServiceAccount, under the bundle's RBAC,
+# with its Lease in the agents' namespace as deployed.
+AGENTS_NAMESPACE = "node-agents"
+CONTROLLER_ACCOUNT = f"{AGENTS_NAMESPACE}/token-refresher-controller"
+
+
+@pytest.fixture
+def kube(bundle_kube: FakeKube) -> FakeKube:
+    return bundle_kube
+
+
 @pytest.fixture
 def network() -> Iterator[IsolatedIdPNetwork]:
     if not IS_ROOT:
@@ -94,7 +105,7 @@ def argv(kube: FakeKube, idp: TestIdP, tmp_path: Path) -> list[str]:
     return [
         "controller",
         "--kubeconfig",
-        str(kube.kubeconfig(tmp_path / "kubeconfig")),
+        str(kube.kubeconfig(tmp_path / "kubeconfig", service_account=CONTROLLER_ACCOUNT)),
         "--token-url",
         idp.token_url,
         "--ca-bundle",
@@ -113,7 +124,7 @@ def argv(kube: FakeKube, idp: TestIdP, tmp_path: Path) -> list[str]:
         "--files-address",
         "off",
         "--lease-namespace",
-        NAMESPACE,
+        AGENTS_NAMESPACE,
         "--identity",
         "replica-a",
     ]

@@ -482,6 +482,9 @@ def test_a_stream_ends_cleanly_after_its_lifetime(kube: FakeKube, api: Any, tmp_
     files = next(gen)
     try:
         put_token_secret(kube, "tok", "apps", access_token("x"))
+        # Seen by the controller's watch first: else a second snapshot (the
+        # file, after "no_secret") may come in the stream's short life.
+        wait_for(lambda: files.controller.caches[0].named("apps", "tok") is not None, 10)
         mine = put_pod(kube, "mine", "apps", "n1", inject=APP)
         stream = files.open(injector_token(kube, put_injector(kube, "n1")), [mine])
         started = time.monotonic()
