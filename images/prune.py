@@ -111,9 +111,10 @@ def remove_distribution(dist: importlib.metadata.Distribution, site: Path) -> No
         if path.is_file() or path.is_symlink():
             path.unlink()
         dirs.add(path.parent)
-    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
-        if (d / "__pycache__").is_dir():
-            shutil.rmtree(d / "__pycache__")
+    for parent in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+        if (parent / "__pycache__").is_dir():
+            shutil.rmtree(parent / "__pycache__")
+        d = parent
         while d != site and d.is_dir() and not any(d.iterdir()):
             d.rmdir()
             d = d.parent

@@ -18,6 +18,7 @@ from agents.common.kube import load_api_client
 from agents.mount_healer.mountinfo import read_mount_table
 from hack.autofs_world import AutofsWorld, missing_tools
 from hack.vm import kernel_has_autofs
+from tests.support import rbac
 from tests.support.fake_kube import FakeKube
 
 IS_ROOT = os.geteuid() == 0
@@ -166,6 +167,13 @@ def kube() -> Iterator[FakeKube]:
     """A fresh fake Kubernetes API server on loopback (tests/support/fake_kube.py)."""
     with FakeKube() as server:
         yield server
+
+
+@pytest.fixture
+def bundle_rbac() -> list[dict[str, Any]]:
+    """The ServiceAccounts and RBAC `manifests/all` renders, for `kube.enforce_rbac`
+    (skipped without kubectl, failed in CI; rendered once per session)."""
+    return rbac.bundle_rbac()
 
 
 @pytest.fixture

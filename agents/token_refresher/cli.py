@@ -32,10 +32,12 @@ from agents.common.loop import Heartbeat, run_loop
 from agents.common.metrics import LoopMetrics
 from agents.common.settings import (
     EXIT_BAD_CONFIG,
+    Address,
     AgentArgumentParser,
     ConfigError,
     add_common_flags,
     add_kube_flags,
+    address,
     int_between,
     label_selector,
     positive_float,
@@ -44,6 +46,7 @@ from agents.common.settings import (
 from agents.token_refresher.config import (
     OFFLINE_IDLE,
     ControllerConfig,
+    FilesConfig,
     IdPConfig,
     InjectorConfig,
     LeaseConfig,
@@ -57,8 +60,10 @@ from agents.token_refresher.local import (
 from agents.token_refresher.metrics import (
     PREFIX,
     ControllerMetrics,
+    FilesMetrics,
     InjectorMetrics,
     RefresherMetrics,
+    TlsExpiry,
 )
 from agents.token_refresher.oauth import (
     InsecureURLError,
@@ -167,6 +172,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> AgentArgumentParse
     )
     _add_secret_selector(controller)
     _add_idp_flags(controller)
+    _add_files_flags(controller)
 
     injector = _role(
         roles,
@@ -254,6 +260,68 @@ def _add_secret_selector(parser: AgentArgumentParser) -> None:
         help="list and watch only the Secrets with these labels (a label selector such as "
         "token-refresher.node-agents.io/token=true); the is-token annotation is still "
         "required (default: every Secret)",
+    )
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _add_files_flags(parser: AgentArgumentParser) -> None:
+    """The file server every controller replica runs for the injectors."""
+    defaults = FilesConfig()
+    parser.add_argument(
+        "--files-address",
+        type=address,
+        default=address(f":{defaults.port}"),
+        env="FILES_ADDRESS",
+        help="HOST:PORT serving the injectors their token files over TLS ('off': none)",
+    )
+    parser.add_argument(
+        "--files-audience",
+        default=defaults.audience,
+        env="FILES_AUDIENCE",
+        help="audience of the injectors' projected ServiceAccount tokens",
+    )
+    parser.add_argument(
+        "--tls-secret",
+        default=defaults.tls_secret,
+        env="TLS_SECRET",
+        help="Secret (kubernetes.io/tls, own namespace) with the serving certificate and CA",
+    )
+    parser.add_argument(
+        "--ca-configmap",
+        default=defaults.ca_configmap,
+        env="CA_CONFIGMAP",
+        help="ConfigMap (own namespace) publishing the CA bundle injectors trust (key ca.crt)",
+    )
+    parser.add_argument(
+        "--tls-names",
+        type=_name_list,
+        default=(),
+        env="TLS_NAMES",
+        help="comma-separated DNS names / IPs of the serving certificate (default: the "
+        "token-refresher-controller Service's names in the own namespace)",
+    )
+    parser.add_argument(
+        "--tls-external",
+        action="store_true",
+        env="TLS_EXTERNAL",
+        help="the TLS Secret and CA ConfigMap are managed by someone else (cert-manager, "
+        "trust-manager): read them only",
+    )
+    parser.add_argument(
+        "--injector-service-account",
+        default=defaults.injector_service_account,
+        env="INJECTOR_SERVICE_ACCOUNT",
+        help="ServiceAccount (own namespace) whose pod-bound tokens get files",
+    )
+    parser.add_argument(
+        "--injector-selector",
+        type=label_selector,
+        default=defaults.injector_selector,
+        env="INJECTOR_SELECTOR",
+        help="labels the caller's pod must have",
     )
 
 
@@ -471,6 +539,24 @@ def _controller_config(args: argparse.Namespace) -> ControllerConfig:
         secret_selector=args.secret_selector,
         interval=args.interval,
         dry_run=args.dry_run,
+        files=_files_config(args),
+    )
+
+
+def _files_config(args: argparse.Namespace) -> FilesConfig:
+    files_address: Address | None = args.files_address
+    return FilesConfig(
+        enabled=files_address is not None,
+        host=files_address.host if files_address is not None else "",
+        port=files_address.port if files_address is not None else 0,
+        namespace=_own_namespace(),
+        audience=args.files_audience,
+        tls_secret=args.tls_secret,
+        ca_configmap=args.ca_configmap,
+        tls_names=tuple(args.tls_names),
+        tls_external=args.tls_external,
+        injector_service_account=args.injector_service_account,
+        injector_selector=args.injector_selector,
     )
 
 
@@ -490,6 +576,8 @@ def _controller(
     from agents.common.kube import EventRecorder
     from agents.common.leader import LeaderElector
     from agents.token_refresher.controller import COMPONENT, Controller
+    from agents.token_refresher.fileserver import FileService, WatchedSecrets
+    from agents.token_refresher.tls import TlsKeeper
 
     config = _controller_config(args)
     log.info(
@@ -531,6 +619,28 @@ def _controller(
         recorder=EventRecorder(api_client, COMPONENT, config.lease.identity),
     )
     heartbeat = Heartbeat(max_age=3 * args.interval + 2 * idp.request_timeout + 30)
+    files: FileService | None = None
+    if config.files.enabled and not args.once:
+        keeper = TlsKeeper(
+            api_client,
+            config.files.namespace,
+            secret_name=config.files.tls_secret,
+            configmap_name=config.files.ca_configmap,
+            names=config.files.tls_names,
+            external=config.files.tls_external,
+        )
+        TlsExpiry(run.registry, keeper.seconds_left)
+        files = FileService(
+            api_client,
+            config.files,
+            namespace=config.files.namespace,
+            secrets=WatchedSecrets(controller.caches),
+            secret_selector=config.secret_selector,
+            metrics=FilesMetrics(run.registry),
+            keeper=keeper,
+        )
+        # Every replica serves files, standbys too: they watch the same Secrets.
+        controller.add_listener(files.secret_changed)
 
     def tick() -> None:
         controller.tick()
@@ -554,11 +664,23 @@ def _controller(
         with serving(
             PROG, run.registry, heartbeat, args.metrics_address, stop=run.stop
         ) as stop_event:
-            # Ready once the Secrets are listed; a standby replica is ready too.
+            files_thread = None
+            if files is not None:
+                files_thread = threading.Thread(
+                    target=files.run, args=(stop_event,), name="files", daemon=True
+                )
+                files_thread.start()
+
+            def ready() -> bool:
+                # Ready once the Secrets are listed (a standby replica is ready too)
+                # and the file server listens: the headless Service then gives
+                # injectors this replica's address.
+                if not controller.wait_synced(3600):
+                    return False
+                return files is None or files.serving.wait(3600)
+
             threading.Thread(
-                target=lambda: heartbeat.set_ready(controller.wait_synced(3600)),
-                name="ready",
-                daemon=True,
+                target=lambda: heartbeat.set_ready(ready()), name="ready", daemon=True
             ).start()
             run_loop(
                 tick,
@@ -571,6 +693,8 @@ def _controller(
                 metrics=run.loop_metrics,
                 heartbeat=heartbeat,
             )
+            if files_thread is not None:
+                files_thread.join(15)
         return 0
     finally:
         elector.stop()

@@ -52,6 +52,74 @@ class LeaseConfig:
 
 
 @dataclass(frozen=True)
+class FilesConfig:
+    """The controller's file server: each injector's node gets its pods' token files."""
+
+    enabled: bool = True
+    """False with `--files-address off`: this replica only refreshes (injectors must
+    then reach another replica)."""
+    host: str = ""
+    """Address to listen on; empty: every address (IPv4)."""
+    port: int = 8443
+    """The headless Service's `files` port."""
+    namespace: str = "default"
+    """The controller's own namespace (its ServiceAccount mount): the injector pods,
+    the TLS Secret and the CA ConfigMap are there."""
+    audience: str = "node-agents.io/token-files"
+    """Audience of the injectors' projected tokens: a token made for the API server
+    or anyone else is refused by the TokenReview."""
+    tls_secret: str = "token-refresher-tls"
+    """Secret (type kubernetes.io/tls, this namespace) with the serving certificate and CA."""
+    ca_configmap: str = "token-refresher-ca"
+    """ConfigMap (this namespace) publishing the CA bundle the injectors trust."""
+    tls_names: tuple[str, ...] = ()
+    """DNS names / IPs of the serving certificate; empty: the Service's names."""
+    tls_external: bool = False
+    """The Secret and ConfigMap are managed by someone else (cert-manager,
+    trust-manager): read only, never created or rotated."""
+    injector_service_account: str = "token-refresher-injector"
+    """Only this ServiceAccount's tokens (in this namespace) are accepted."""
+    injector_selector: str = (
+        "app.kubernetes.io/name=token-refresher,app.kubernetes.io/component=injector"
+    )
+    """Labels the caller's pod must carry: a pod that merely borrows the
+    ServiceAccount is no injector."""
+    max_pods: int = 256
+    """Claims per request; more is answered 413 (a node runs 110 pods by default)."""
+    max_body_bytes: int = 1 << 20
+    """Request bodies larger than this are refused unread (256 claims take ~150 KB)."""
+    max_streams: int = 10_000
+    """Open streams at most (one thread each); beyond, 503: the injector tries
+    another replica. 5,000 nodes fit in one replica."""
+    heartbeat: float = 10.0
+    """Seconds of silence after which a heartbeat line is sent (the injector
+    gives up on a stream after 30 s of silence)."""
+    stream_lifetime: float = 300.0
+    """A stream ends after this (±10 % jitter): its token is reviewed again at
+    the reconnection, and the injectors spread over the replicas."""
+    recheck: float = 30.0
+    """An open stream re-checks its caller this often (review cache, fresh pod
+    read): an injector pod that is gone loses its stream within this time."""
+    review_ttl: float = 60.0
+    """A TokenReview answer is reused this long at most (never past the token's expiry)."""
+    max_reviews: int = 10_000
+    """Cached TokenReview answers at most (two per node while tokens rotate)."""
+    pod_check_ttl: float = 30.0
+    """An injector pod's check is reused this long when a stream opens."""
+    max_verified_pods: int = 20_000
+    """Claimed pods remembered (LRU), reused while the claimed resourceVersion
+    is the one read: a reconnection costs no GET for pods that did not change."""
+    template_refresh: float = 30.0
+    """A template ConfigMap in use is read again this often (no ConfigMap watch:
+    few are used, and a cluster-wide watch would hold every ConfigMap)."""
+    send_timeout: float = 10.0
+    """Seconds one write to an injector may take: a stuck client loses its stream,
+    it does not hold anyone else's."""
+    request_timeout: float = 10.0
+    """Seconds for each API request (TokenReview, pod and ConfigMap reads)."""
+
+
+@dataclass(frozen=True)
 class ControllerConfig:
     idp: IdPConfig = field(default_factory=IdPConfig)
     lease: LeaseConfig = field(default_factory=LeaseConfig)
@@ -66,6 +134,8 @@ class ControllerConfig:
     conflict_retries: int = 5
     """Re-reads after a 409 on the Secret write, within one pass."""
     backoff_cap: float = 60.0
+    files: FilesConfig = field(default_factory=FilesConfig)
+    """The file server every replica runs (leader and standbys)."""
 
 
 @dataclass(frozen=True)

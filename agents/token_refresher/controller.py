@@ -200,6 +200,15 @@ class Controller:
             for namespace in namespaces
         ]
         self._watch_counts = [(0, 0)] * len(self.caches)
+        self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
+
+    def add_listener(self, listener: Callable[[str, dict[str, Any]], None]) -> None:
+        """Call `listener(type, secret)` on every change of a watched token Secret.
+
+        From the watch threads: it must return quickly (the file server only
+        marks the streams concerned). Add before `start()`.
+        """
+        self._listeners.append(listener)
 
     # -- life cycle
 
@@ -222,6 +231,8 @@ class Controller:
 
     def _changed(self, type_: str, secret: dict[str, Any]) -> None:
         self.wake.set()
+        for listener in self._listeners:
+            listener(type_, secret)
 
     # -- one pass
 

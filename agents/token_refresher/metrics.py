@@ -7,9 +7,12 @@ the injector writes files, local mode does both on one node.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from agents.token_refresher.config import OFFLINE_IDLE
 
@@ -170,3 +173,79 @@ class InjectorMetrics:
 
     def api_call(self, verb: str, resource: str) -> None:
         self.api_calls.labels(verb, resource).inc()
+
+
+FILES_REQUEST_OUTCOMES = (
+    "ok",
+    "bad_request",
+    "unauthenticated",
+    "forbidden",
+    "too_many_pods",
+    "unavailable",
+)
+REFUSED_REASONS = ("other_node", "not_found", "uid_mismatch")
+REVIEW_OUTCOMES = ("authenticated", "rejected", "error")
+
+
+class FilesMetrics:
+    """The controller's file server: requests, refusals, streams, TokenReviews."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            f"{PREFIX}_files_requests",
+            "Requests for a node's token files, by outcome: ok (a stream opened), "
+            "bad_request, unauthenticated, forbidden, too_many_pods, unavailable.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.refused_pods = Counter(
+            f"{PREFIX}_files_refused_pods",
+            "Pods an injector claimed and did not get files for, by reason: other_node, "
+            "not_found, uid_mismatch.",
+            ["reason"],
+            registry=registry,
+        )
+        self.streams = Gauge(
+            f"{PREFIX}_files_streams",
+            "Streams of token files open now (one per connected injector).",
+            registry=registry,
+        )
+        self.snapshots_sent = Counter(
+            f"{PREFIX}_files_snapshots_sent",
+            "Snapshots of a node's token files sent (the first of each stream, then each change).",
+            registry=registry,
+        )
+        self.reviews = Counter(
+            f"{PREFIX}_token_reviews",
+            "TokenReviews of injector tokens sent to the API server, by outcome: "
+            "authenticated, rejected, error (no answer: the caller got 503, nothing cached).",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in FILES_REQUEST_OUTCOMES:
+            self.requests.labels(outcome)
+        for reason in REFUSED_REASONS:
+            self.refused_pods.labels(reason)
+        for outcome in REVIEW_OUTCOMES:
+            self.reviews.labels(outcome)
+
+
+class TlsExpiry(Collector):
+    """Seconds left on the serving and CA certificates, computed at scrape."""
+
+    def __init__(
+        self, registry: CollectorRegistry, seconds_left: Callable[[], Mapping[str, float]]
+    ) -> None:
+        self._seconds_left = seconds_left
+        registry.register(self)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            f"{PREFIX}_tls_certificate_expiry_seconds",
+            "Seconds until the file server's certificates expire: serving, ca "
+            "(absent until the TLS material is read).",
+            labels=["certificate"],
+        )
+        for certificate, seconds in sorted(self._seconds_left().items()):
+            family.add_metric([certificate], seconds)
+        yield family

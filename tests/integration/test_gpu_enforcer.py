@@ -47,9 +47,13 @@ from hack.fake_nvml import (
 from tests.conftest import IN_CI, IS_ROOT
 from tests.support.agent import AgentThread
 from tests.support.fake_kube import FakeKube
+from tests.support.rbac import GPU_EVICT_COMPONENT, bundle_rbac
 
 pytestmark = pytest.mark.root
 
+# The enforcer's ServiceAccount in the bundle (manifests/gpu-enforcer/serviceaccount.yaml):
+# the agent talks to the fake API with its token, under the bundle's RBAC.
+SERVICE_ACCOUNT = "node-agents/gpu-mem-enforcer"
 GIB = 1024**3
 CARD = 16 * GIB  # two replicas: an agreed share of 8 GiB each
 NODE = "gpu-node-1"
@@ -156,8 +160,15 @@ def cluster(
     *pods: dict[str, Any],
     replicas: int | None = 2,
     namespace_annotations: dict[str, str] | None = None,
+    components: tuple[str, ...] = (),
 ) -> Iterator[FakeKube]:
-    with FakeKube() as kube:
+    """The node, namespace `ml` and `pods`, and a kubeconfig for the enforcer's ServiceAccount.
+
+    The bundle's RBAC (plus `components` of manifests/) is enforced, and no
+    request of the agent may have been refused: a manifest that grants too
+    little fails here, not on a cluster.
+    """
+    with FakeKube(rbac_objects=bundle_rbac(*components)) as kube:
         labels = {"nvidia.com/gpu.replicas": str(replicas)} if replicas else {}
         kube.put({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE, "labels": labels}})
         kube.put(
@@ -169,8 +180,9 @@ def cluster(
         )
         for pod in pods:
             kube.put(pod)
-        kube.kubeconfig(tmp_path / "kubeconfig")
+        kube.kubeconfig(tmp_path / "kubeconfig", service_account=SERVICE_ACCOUNT)
         yield kube
+        assert kube.denied() == []
 
 
 def enforcer_argv(tmp_path: Path, *extra: str) -> list[str]:
@@ -574,13 +586,19 @@ def test_a_pod_cannot_exempt_itself_by_annotation(
         wait_for(
             lambda: agent.value("gpu_mem_enforcer_signals_total", {"signal": "SIGTERM"}) == 2, 10
         )
-        reasons = [
-            e["reason"]
-            for e in kube.objects("events", "ml")
-            if e["involvedObject"].get("uid") == garbled.uid
-        ]
+
+        def reasons() -> list[str]:
+            return [
+                e["reason"]
+                for e in kube.objects("events", "ml")
+                if e["involvedObject"].get("uid") == garbled.uid
+            ]
+
+        # The Event follows the signal (one more API request, under RBAC now).
+        wait_for(lambda: "GPUMemoryLimitEnforced" in reasons(), 10)
+        reasons_seen = reasons()
     # Several ticks saw the bad annotation; it is reported once.
-    assert sorted(reasons) == ["GPUMemoryLimitEnforced", "GPUMemoryLimitInvalid"]
+    assert sorted(reasons_seen) == ["GPUMemoryLimitEnforced", "GPUMemoryLimitInvalid"]
 
 
 def test_local_mode_names_the_limits_file_and_its_entries_are_the_admins(
@@ -613,7 +631,9 @@ def test_evict_goes_through_the_eviction_api_and_retries_a_refusal(
 ) -> None:
     greedy = pods("greedy")
     card.write(processes=[FakeProcess(0, greedy.pid, 12 * GIB)])
-    with cluster(tmp_path, kube_pod(greedy)) as kube:
+    # --action evict needs the opt-in component's pods/eviction grant (issue 10);
+    # until it exists, the base bundle still grants it.
+    with cluster(tmp_path, kube_pod(greedy), components=(GPU_EVICT_COMPONENT,)) as kube:
         kube.refuse_evictions(times=1)
         with AgentThread(
             main, enforcer_argv(tmp_path, "--action", "evict", "--hold", "0")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,12 +20,15 @@ from tests.support.fake_kube import FakeKube
 pytestmark = pytest.mark.root
 
 NODE = "node-a"
+SERVICE_ACCOUNT = "node-agents/automount-healer"  # manifests/mount-healer/serviceaccount.yaml
 
 
 def test_a_healed_mount_is_one_normal_event_on_the_node(
-    world: AutofsWorld, kube: FakeKube, tmp_path: Path
+    world: AutofsWorld, kube: FakeKube, tmp_path: Path, bundle_rbac: list[dict[str, Any]]
 ) -> None:
-    kubeconfig = kube.kubeconfig(tmp_path / "kubeconfig")
+    # The healer talks to the API as its bundle ServiceAccount, under the bundle's RBAC.
+    kube.enforce_rbac(bundle_rbac)
+    kubeconfig = kube.kubeconfig(tmp_path / "kubeconfig", service_account=SERVICE_ACCOUNT)
     assert world.access("repo1") == ["README"]
     argv = [
         "--root",
@@ -58,6 +62,7 @@ def test_a_healed_mount_is_one_normal_event_on_the_node(
     assert str(world.path("repo1")) in event["message"]
     assert event["source"] == {"component": "automount-healer", "host": NODE}
     assert kube.count("POST", "/api/v1/namespaces/default/events") == 1
+    assert kube.denied() == []
     # The healed mount comes back on the next access.
     assert world.access("repo1") == ["README"]
 

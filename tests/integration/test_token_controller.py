@@ -95,6 +95,9 @@ def argv(kube: FakeKube, idp: TestIdP, tmp_path: Path, *extra: str) -> list[str]
         "0.5",
         "--metrics-address",
         "off",
+        # The refresh alone; the file server has tests of its own.
+        "--files-address",
+        "off",
         "--lease-namespace",
         "default",
         "--identity",

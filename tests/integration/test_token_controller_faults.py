@@ -109,6 +109,9 @@ def argv(kube: FakeKube, idp: TestIdP, tmp_path: Path) -> list[str]:
         "0.2",
         "--metrics-address",
         "off",
+        # The refresh alone; the file server has tests of its own.
+        "--files-address",
+        "off",
         "--lease-namespace",
         NAMESPACE,
         "--identity",

@@ -11,6 +11,17 @@ history with compaction (410 Expired as one ERROR event), the pod eviction
 subresource with PodDisruptionBudget refusals (429), finalizers, the status
 subresource, Secret `stringData`, Status bodies as the apiserver writes them.
 
+Authentication and authorization: the admin token (`FakeKube(token=...)`) is
+system:masters; `service_account_token()` and TokenRequest issue opaque
+ServiceAccount tokens (audiences, expiry, bound to a pod and its node) that
+authenticate to the API when they are for its audience (`API_AUDIENCE`), and
+that TokenReview checks as the apiserver does (expiry, audiences, the bound pod
+and the ServiceAccount still there with the same UID). No or unknown token:
+401. After `enforce_rbac(objects)`, every non-admin request is authorized by
+RBAC (tests/support/rbac.py) over the Roles, ClusterRoles and bindings in the
+store, 403 as the RBAC authorizer words it, recorded in `denied()`. The
+in-process helpers (`put`, `get`, `delete`, ...) bypass all of this.
+
 Not imitated (no controllers run here): scheduling, kubelets, graceful pod
 termination (a deleted pod is gone at once), garbage collection, namespace
 cascade and lifecycle (objects may be created in namespaces that do not
@@ -20,8 +31,8 @@ JSON merge patch), consistent snapshots for paginated lists, dry runs,
 bookmarks. core/v1 and events.k8s.io/v1 Events are stored apart (the
 apiserver converts between them): `objects("events")` holds the core ones.
 
-    with FakeKube() as kube:
-        kube.kubeconfig(tmp_path / "kubeconfig")
+    with FakeKube(rbac_objects=rbac.bundle_rbac()) as kube:
+        kube.kubeconfig(tmp_path / "kubeconfig", service_account="node-agents/gpu-mem-enforcer")
         kube.put({"apiVersion": "v1", "kind": "Pod", "metadata": {...}, ...})
         kube.inject_error("GET", "/api/v1/namespaces/ns/pods", 500)
         assert kube.count("POST", ".*/events") == 1
@@ -51,6 +62,8 @@ from types import TracebackType
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlsplit
 
+from tests.support import rbac
+
 log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
@@ -60,6 +73,31 @@ JSON = dict[str, Any]
 DEFAULT_WATCH_TIMEOUT = 1800.0
 # How often a waiting watch looks for a closed client or a closing server.
 WATCH_POLL = 0.2
+# The apiserver's own audience (--api-audiences, defaulting to the issuer):
+# tokens for it authenticate to the API, tokens for other audiences only to
+# whoever reviews them.
+API_AUDIENCE = "https://kubernetes.default.svc"
+# version.Info, every field set: the client's model requires them all.
+VERSION = {
+    "major": "1",
+    "minor": "37",
+    "gitVersion": "v1.37.0-fake",
+    "gitCommit": "0000000000000000000000000000000000000000",
+    "gitTreeState": "clean",
+    "buildDate": "2026-01-01T00:00:00Z",
+    "goVersion": "go1.25.0",
+    "compiler": "gc",
+    "platform": "linux/amd64",
+}
+TOKEN_REVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
+# The extras a pod-bound ServiceAccount token carries (serviceaccount/claims.go).
+POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
+POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
+NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
+NODE_UID_EXTRA = "authentication.kubernetes.io/node-uid"
+CREDENTIAL_ID_EXTRA = "authentication.kubernetes.io/credential-id"
+# The admin token's user: system:masters passes every authorization check.
+ADMIN = rbac.User("kubernetes-admin", groups=("system:masters", "system:authenticated"))
 
 
 # -- the served API surface ------------------------------------------------------------
@@ -165,7 +203,18 @@ RESOURCES: tuple[Resource, ...] = (
         status_subresource=True,
         field_labels=_same("status.phase"),
     ),
+    Resource("", "v1", "serviceaccounts", "ServiceAccount"),
     Resource("coordination.k8s.io", "v1", "leases", "Lease"),
+    Resource("rbac.authorization.k8s.io", "v1", "roles", "Role"),
+    Resource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding"),
+    Resource("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", namespaced=False),
+    Resource(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "clusterrolebindings",
+        "ClusterRoleBinding",
+        namespaced=False,
+    ),
     Resource(
         "events.k8s.io",
         "v1",
@@ -842,6 +891,29 @@ class Eviction:
     body: JSON
 
 
+@dataclass(frozen=True)
+class IssuedToken:
+    """A ServiceAccount token the fake issued (what the apiserver signs into a JWT)."""
+
+    namespace: str
+    service_account: str
+    service_account_uid: str
+    audiences: tuple[str, ...]
+    expires_at: float  # time.time()
+    pod: tuple[str, str] | None  # (name, uid) of the pod it is bound to
+    node: tuple[str, str] | None  # (name, uid or "") of that pod's node
+    credential_id: str  # the JWT's jti
+
+
+@dataclass(frozen=True)
+class Review:
+    """What authenticating a token gives: a user and the audiences it was good for, or why not."""
+
+    user: rbac.User | None
+    audiences: tuple[str, ...] = ()
+    error: str = ""
+
+
 @dataclass
 class _Injection:
     method: str
@@ -986,8 +1058,24 @@ class FakeKube:
         "kube-node-lease",
     )
 
-    def __init__(self, *, token: str = "fake-token", history: int = 1000) -> None:
+    def __init__(
+        self,
+        *,
+        token: str = "fake-token",
+        history: int = 1000,
+        rbac_objects: Iterable[JSON] | None = None,
+        node_info: bool = True,
+    ) -> None:
+        """`token` is the admin's (system:masters); `rbac_objects`: see `enforce_rbac`.
+
+        `node_info` False models a cluster without the ServiceAccountTokenPodNodeInfo
+        feature (before Kubernetes 1.30): pod-bound tokens carry no node extras.
+        """
         self.token = token
+        self.node_info = node_info
+        self._tokens: dict[str, IssuedToken] = {}
+        self._enforcing = False
+        self._denials: list[rbac.Denial] = []
         self.store = Store(history)
         self.evictions: list[Eviction] = []
         self._calls: list[ApiCall] = []
@@ -1001,6 +1089,8 @@ class FakeKube:
         self._thread: threading.Thread | None = None
         for name in self.NAMESPACES:
             self.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+        if rbac_objects is not None:
+            self.enforce_rbac(rbac_objects)
 
     # -- life cycle
 
@@ -1051,16 +1141,29 @@ class FakeKube:
         host, port = self._server.server_address[:2]
         return f"http://{host!s}:{port}"
 
-    def kubeconfig(self, path: Path | str, namespace: str = "default") -> Path:
-        """Write a kubeconfig for this server (plain HTTP, a bearer token); returns its path."""
+    def kubeconfig(
+        self, path: Path | str, namespace: str = "default", *, service_account: str | None = None
+    ) -> Path:
+        """Write a kubeconfig for this server (plain HTTP, a bearer token); returns its path.
+
+        The token is the admin's, or with `service_account="ns/name"` a token of
+        that ServiceAccount for the API's audience (valid for a day), as a pod
+        running under it would present.
+        """
         path = Path(path)
+        token = self.token
+        if service_account is not None:
+            sa_namespace, _, sa_name = service_account.partition("/")
+            if not sa_namespace or not sa_name:
+                raise ValueError(f"service_account must be 'namespace/name': {service_account!r}")
+            token = self.service_account_token(sa_namespace, sa_name, expires_in=86400.0)
         config = {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [
                 {"name": "fake", "cluster": {"server": self.url, "insecure-skip-tls-verify": True}}
             ],
-            "users": [{"name": "fake", "user": {"token": self.token}}],
+            "users": [{"name": "fake", "user": {"token": token}}],
             "contexts": [
                 {
                     "name": "fake",
@@ -1111,6 +1214,125 @@ class FakeKube:
     def compact(self) -> str:
         """Compact the history to now: watches from an older resourceVersion get 410."""
         return str(self.store.compact())
+
+    # -- ServiceAccount tokens and RBAC
+
+    def service_account_token(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        audiences: Iterable[str] = (API_AUDIENCE,),
+        expires_in: float = 3600.0,
+        pod: tuple[str, str] | None = None,
+        node: str | None = None,
+    ) -> str:
+        """Issue a token of ServiceAccount namespace/name, as kubelet projects one into a pod.
+
+        The ServiceAccount is created when missing (a test need not put it);
+        deleting it afterwards invalidates the token, as in the apiserver.
+        `pod` = (name, uid) binds the token to that pod: it stops authenticating
+        once no pod of that name and UID exists. Its node is `node`, else the
+        pod's spec.nodeName when the pod is stored. `expires_in` <= 0 gives a
+        token that is already expired. Unlike TokenRequest over HTTP, nothing is
+        checked here (no minimum lifetime, the pod need not exist or run as this
+        ServiceAccount), so tests can forge what kubelet never would.
+        """
+        account = self.get("serviceaccounts", namespace, name)
+        if account is None:
+            account = self.put(
+                {
+                    "apiVersion": "v1",
+                    "kind": "ServiceAccount",
+                    "metadata": {"name": name, "namespace": namespace},
+                }
+            )
+        bound_node: tuple[str, str] | None = None
+        if pod is not None:
+            stored = self.get("pods", namespace, pod[0])
+            if node is None and stored is not None:
+                node = (stored.get("spec") or {}).get("nodeName") or None
+        if node is not None:
+            node_obj = self.get("nodes", None, node)
+            bound_node = (node, node_obj["metadata"]["uid"] if node_obj else "")
+        token = secrets.token_urlsafe(32)
+        issued = IssuedToken(
+            namespace,
+            name,
+            account["metadata"]["uid"],
+            tuple(audiences),
+            time.time() + expires_in,
+            pod,
+            bound_node,
+            str(uuid.uuid4()),
+        )
+        with self._hooks:
+            self._tokens[token] = issued
+        return token
+
+    def review(self, token: str, audiences: Iterable[str] = ()) -> Review:
+        """Authenticate `token` for `audiences` (empty: the API's), as a TokenReview does."""
+        wanted = tuple(audiences) or (API_AUDIENCE,)
+        if token == self.token:
+            return Review(ADMIN, wanted)
+        with self._hooks:
+            issued = self._tokens.get(token)
+        if issued is None:
+            return Review(None, error="[invalid bearer token, Token has been invalidated]")
+        granted = tuple(a for a in wanted if a in issued.audiences)
+        if not granted:
+            return Review(
+                None,
+                error=f"[invalid bearer token, token audiences {_go_quote(issued.audiences)} "
+                f"is invalid for the target audiences {_go_quote(wanted)}]",
+            )
+        if time.time() >= issued.expires_at:
+            return Review(None, error="[invalid bearer token, service account token has expired]")
+        account = self.get("serviceaccounts", issued.namespace, issued.service_account)
+        if account is None or account["metadata"]["uid"] != issued.service_account_uid:
+            return Review(
+                None,
+                error=f"[invalid bearer token, service account {issued.namespace}/"
+                f"{issued.service_account} has been deleted]",
+            )
+        extra: dict[str, tuple[str, ...]] = {CREDENTIAL_ID_EXTRA: (f"JTI={issued.credential_id}",)}
+        if issued.pod is not None:
+            # The validator reads the bound pod on every review (claims.go).
+            pod = self.get("pods", issued.namespace, issued.pod[0])
+            if pod is None or pod["metadata"]["uid"] != issued.pod[1]:
+                return Review(
+                    None, error="[invalid bearer token, service account token has been invalidated]"
+                )
+            extra[POD_NAME_EXTRA], extra[POD_UID_EXTRA] = (issued.pod[0],), (issued.pod[1],)
+            if issued.node is not None and self.node_info:
+                extra[NODE_NAME_EXTRA] = (issued.node[0],)
+                if issued.node[1]:
+                    extra[NODE_UID_EXTRA] = (issued.node[1],)
+        base = rbac.service_account_user(
+            issued.namespace, issued.service_account, issued.service_account_uid
+        )
+        return Review(rbac.User(base.name, base.uid, base.groups, extra), granted)
+
+    def enforce_rbac(self, objects: Iterable[JSON]) -> None:
+        """Authorize every ServiceAccount request with RBAC from now on.
+
+        `objects` (e.g. `rbac.bundle_rbac()`, or all that `kubectl kustomize`
+        renders) are stored; of them, Roles, ClusterRoles, their bindings and
+        ServiceAccounts are kept, anything else is ignored. Call again to add
+        more. The RBAC objects in the store are read at every request, so a test
+        may also `put` or `delete` them later. The cluster's bootstrap policy
+        (discovery, system:masters) applies too. Until the first call every
+        authenticated request is allowed.
+        """
+        for obj in objects:
+            if obj.get("kind") in (*rbac.RBAC_KINDS, "ServiceAccount"):
+                self.put(obj)
+        self._enforcing = True
+
+    def denied(self) -> list[rbac.Denial]:
+        """Requests refused by RBAC so far: (user, verb, group, resource, namespace, name)."""
+        with self._hooks:
+            return list(self._denials)
 
     # -- test hooks
 
@@ -1185,8 +1407,7 @@ class FakeKube:
         with self._hooks:
             self._calls.append(call)
         try:
-            if handler.headers.get("Authorization") != f"Bearer {self.token}":
-                raise ApiError(401, "Unauthorized")
+            self._authorize(self._authenticate(handler.headers.get("Authorization")), call)
             self._injected(call)
             body = json.loads(raw) if raw else None
             if call.watch:
@@ -1206,6 +1427,41 @@ class FakeKube:
             return
         handler.send_json(code, reply)
 
+    def _authenticate(self, authorization: str | None) -> rbac.User:
+        """The bearer token's user: only tokens for the API's audience count; 401 otherwise."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "Unauthorized")
+        review = self.review(token.strip())
+        if review.user is None:
+            raise ApiError(401, "Unauthorized")
+        return review.user
+
+    def _authorize(self, user: rbac.User, call: ApiCall) -> None:
+        """RBAC (once `enforce_rbac` was called); system:masters is never asked about."""
+        if not self._enforcing or "system:masters" in user.groups:
+            return
+        attrs = rbac.request_attributes(call.method, call.path, call.query)
+        objects = [*rbac.BOOTSTRAP_POLICY]
+        for plural in ("clusterroles", "clusterrolebindings", "roles", "rolebindings"):
+            objects += self.objects(f"{plural}.rbac.authorization.k8s.io")
+        decision = rbac.authorize(objects, user, attrs)
+        if decision.allowed:
+            return
+        with self._hooks:
+            self._denials.append(
+                rbac.Denial(
+                    user.name,
+                    attrs.verb,
+                    attrs.api_group,
+                    attrs.full_resource if attrs.resource_request else attrs.path,
+                    attrs.namespace,
+                    attrs.name,
+                )
+            )
+        status = rbac.forbidden(user, attrs, decision.reason)
+        raise ApiError(403, status["message"], details=status["details"])
+
     def _injected(self, call: ApiCall) -> None:
         with self._hooks:
             for injection in self._injections:
@@ -1217,13 +1473,17 @@ class FakeKube:
                     raise injection.error
 
     def _dispatch(self, call: ApiCall, body: Any, content_type: str) -> tuple[int, JSON]:
-        if call.path == "/version":
-            return 200, {"major": "1", "minor": "37", "gitVersion": "v1.37.0-fake"}
+        if call.path in ("/version", "/version/"):  # the client asks for /version/
+            return 200, VERSION
+        if call.path == TOKEN_REVIEW_PATH:
+            if call.method != "POST":
+                raise ApiError(405, f"{call.method} is not supported on tokenreviews")
+            return 201, self._token_review(body or {})
         route = _parse_route(call.path)
         if route is None:
             raise ApiError(404, "the server could not find the requested resource", details={})
         verb = (call.method, route.name is not None, route.subresource)
-        if route.subresource not in (None, "status", "eviction") or (
+        if route.subresource not in (None, "status", "eviction", "token") or (
             route.subresource == "status" and not route.resource.status_subresource
         ):
             raise ApiError(404, "the server could not find the requested resource", details={})
@@ -1231,6 +1491,10 @@ class FakeKube:
             if route.resource.plural != "pods" or call.method != "POST":
                 raise ApiError(405, f"{call.method} is not supported on evictions")
             return self._evict(route, body or {})
+        if route.subresource == "token":
+            if route.resource.plural != "serviceaccounts" or call.method != "POST":
+                raise ApiError(405, f"{call.method} is not supported on token requests")
+            return self._token_request(route, body or {})
         if verb in (("GET", True, None), ("GET", True, "status")):
             return 200, self._read(route)
         if verb == ("GET", False, None):
@@ -1399,6 +1663,113 @@ class FakeKube:
             "items": items,
         }
 
+    def _token_review(self, body: JSON) -> JSON:
+        """authentication.k8s.io/v1 TokenReview (registry/authentication/tokenreview)."""
+        spec = body.get("spec") or {}
+        token = spec.get("token") or ""
+        if not token:
+            raise ApiError(400, "token is required for TokenReview in authentication")
+        review = self.review(token, spec.get("audiences") or ())
+        status: JSON = {"authenticated": review.user is not None}
+        if review.user is not None:
+            user: JSON = {
+                "username": review.user.name,
+                "uid": review.user.uid,
+                "groups": list(review.user.groups),
+            }
+            if review.user.extra:
+                user["extra"] = {k: list(v) for k, v in review.user.extra.items()}
+            status["user"] = user
+            status["audiences"] = list(review.audiences)
+        else:
+            status["user"] = {}
+            status["error"] = review.error
+        return {
+            "kind": "TokenReview",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"creationTimestamp": None},
+            "spec": spec,
+            "status": status,
+        }
+
+    def _token_request(self, route: _Route, body: JSON) -> tuple[int, JSON]:
+        """serviceaccounts/token: a TokenRequest (registry/core/serviceaccount/storage/token.go)."""
+        assert route.name is not None and route.namespace is not None
+        account = self._read(route)  # 404 for a ServiceAccount that does not exist
+        spec = dict(body.get("spec") or {})
+        audiences = list(spec.get("audiences") or [API_AUDIENCE])
+        seconds = int(spec.get("expirationSeconds") or 3600)
+        if seconds < 600 or seconds > 1 << 32:
+            why = (
+                "may not specify a duration less than 10 minutes"
+                if seconds < 600
+                else "may not specify a duration larger than 2^32 seconds"
+            )
+            cause = f"spec.expirationSeconds: Invalid value: {seconds}: {why}"
+            raise ApiError(
+                422,
+                f'TokenRequest.authentication.k8s.io "{route.name}" is invalid: {cause}',
+                details={
+                    "name": route.name,
+                    "group": "authentication.k8s.io",
+                    "kind": "TokenRequest",
+                    "causes": [
+                        {
+                            "reason": "FieldValueInvalid",
+                            "message": cause,
+                            "field": "spec.expirationSeconds",
+                        }
+                    ],
+                },
+            )
+        pod: tuple[str, str] | None = None
+        if ref := spec.get("boundObjectRef"):
+            if ref.get("kind") != "Pod":
+                raise ApiError(400, f"FakeKube binds tokens only to pods, not {ref.get('kind')}")
+            pods = find_resource("pods")
+            bound = self.store.get(pods, route.namespace, ref.get("name") or "")
+            if bound is None:
+                raise ApiError.not_found(pods, ref.get("name") or "")
+            uid = bound["metadata"]["uid"]
+            if ref.get("uid") and ref["uid"] != uid:
+                raise ApiError.conflict(
+                    pods,
+                    bound["metadata"]["name"],
+                    f"the UID in the bound object reference ({ref['uid']}) does not match the "
+                    "UID in record. The object might have been deleted and then recreated",
+                )
+            if (bound.get("spec") or {}).get("serviceAccountName", "default") != route.name:
+                raise ApiError(
+                    400,
+                    f'cannot bind token for serviceaccount "{route.name}" to pod running '
+                    "with different serviceaccount name.",
+                )
+            pod = (bound["metadata"]["name"], uid)
+        token = self.service_account_token(
+            route.namespace,
+            account["metadata"]["name"],
+            audiences=audiences,
+            expires_in=float(seconds),
+            pod=pod,
+        )
+        with self._hooks:
+            expires_at = self._tokens[token].expires_at
+        spec.update(audiences=audiences, expirationSeconds=seconds)
+        return 201, {
+            "kind": "TokenRequest",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {
+                "name": route.name,
+                "namespace": route.namespace,
+                "creationTimestamp": None,
+            },
+            "spec": spec,
+            "status": {
+                "token": token,
+                "expirationTimestamp": datetime.fromtimestamp(expires_at, UTC).strftime(_TIME),
+            },
+        }
+
     def _evict(self, route: _Route, body: JSON) -> tuple[int, JSON]:
         """policy/v1 Eviction (registry/core/pod/storage/eviction.go): delete, or 429."""
         assert route.name is not None and route.namespace is not None
@@ -1519,6 +1890,11 @@ def _seen_as(change: Change, where: Filter) -> tuple[str, JSON] | None:
         gone["metadata"]["resourceVersion"] = str(change.rv)
         return "DELETED", gone
     return None
+
+
+def _go_quote(values: Iterable[str]) -> str:
+    """A string slice as Go's %q prints it: ["a" "b"]."""
+    return "[" + " ".join(json.dumps(v) for v in values) + "]"
 
 
 def _event_line(type_: str, obj: JSON) -> bytes:
