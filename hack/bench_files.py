@@ -939,6 +939,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="s until every node is served")
     parser.add_argument("--settle", type=float, default=3.0, help="s to watch for stray pushes")
+    parser.add_argument(
+        "--steady",
+        type=float,
+        default=None,
+        help="s of API requests measured once all are served, nothing changing (60; 5)",
+    )
     parser.add_argument("--injectors", metavar="PLAN", help=argparse.SUPPRESS)
     return parser
 
@@ -952,6 +958,8 @@ def main(argv: list[str] | None = None) -> int:
         **{k: v if getattr(args, k) is None else getattr(args, k) for k, v in vars(base).items()}
     )
     push = args.push if args.push is not None else (3 if args.quick else 20)
+    if args.steady is None:
+        args.steady = 5.0 if args.quick else 60.0
     work = Path(tempfile.mkdtemp(prefix="bench-files-"))
     try:
         results, failures = _run(sizes, push, args, work)
@@ -1145,6 +1153,7 @@ def _run(sizes: Sizes, push: int, args: argparse.Namespace, work: Path) -> tuple
         results["push"] = _push(
             kube, cluster, observed, count=push, settle=args.settle, failures=failures
         )
+        results["steady"] = _steady(kube, args.steady, len(served))
         results["controller_end"] = proc.sample()
         results["metrics_end"] = _metrics(_get(base_url + "/metrics")[1])
         injectors.stdin.write("stop\n")
@@ -1176,6 +1185,7 @@ def _run(sizes: Sizes, push: int, args: argparse.Namespace, work: Path) -> tuple
         "push_s_p50": pushed["latency_s_p50"],
         "push_s_max": pushed["latency_s_max"],
         "push_to_other_streams": pushed["snapshots_to_other_streams"],
+        "steady_api_requests_per_s": round(sum(results["steady"]["requests_per_s"].values()), 1),
         "load_avg": results["load_avg_before"][0],
     }
     return results, failures
@@ -1254,6 +1264,22 @@ def _push(
     }
 
 
+def _steady(kube: FakeKube, seconds: float, streams: int) -> JSON:
+    """API requests per second while nothing changes: the open streams' re-checks
+    (every 30 s, a fresh injector pod read; a TokenReview once its 60 s cache lapsed),
+    template re-reads, Lease renewals."""
+    since = len(kube.calls())
+    time.sleep(seconds)
+    calls = Counter(api_request(c.method, c.path, c.watch) for c in kube.calls()[since:])
+    return {
+        "seconds": seconds,
+        "requests_per_s": {k: round(v / seconds, 2) for k, v in sorted(calls.items())},
+        "requests_per_stream_per_min": round(sum(calls.values()) / seconds * 60 / streams, 2)
+        if streams
+        else None,
+    }
+
+
 def _end(proc: subprocess.Popen[Any]) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -1267,6 +1293,7 @@ def _end(proc: subprocess.Popen[Any]) -> None:
 def _table(results: JSON) -> None:
     s, start, pushed = results["summary"], results["start"], results["push"]
     cluster, after = results["cluster"], start["controller_after_start"]
+    steady = results["steady"]
     print(
         f"machine: {results['machine']}, Python {results['python']}, load average "
         f"{results['load_avg_before']} before, {results['load_avg_after']} after"
@@ -1309,6 +1336,11 @@ def _table(results: JSON) -> None:
             f"{pushed['latency_s_p50']} / {pushed['latency_s_p99']} / {pushed['latency_s_max']} s",
         ),
         ("snapshots to streams using none of them", str(pushed["snapshots_to_other_streams"])),
+        (
+            f"API requests per s, steady ({steady['seconds']:.0f} s, "
+            f"{steady['requests_per_stream_per_min']} per stream per min)",
+            ", ".join(f"{k} {v}" for k, v in steady["requests_per_s"].items()),
+        ),
     ]
     print("| measure | result |\n|---|---|")
     for measure, result in rows:
