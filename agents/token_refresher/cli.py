@@ -46,6 +46,7 @@ from agents.common.settings import (
 from agents.token_refresher.config import (
     OFFLINE_IDLE,
     ControllerConfig,
+    ControllerLinkConfig,
     FilesConfig,
     IdPConfig,
     InjectorConfig,
@@ -195,7 +196,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> AgentArgumentParse
         env="WORKERS",
         help="files written in parallel",
     )
-    _add_secret_selector(injector)
+    _add_controller_link_flags(injector)
 
     local = _role(
         roles,
@@ -247,6 +248,52 @@ def _role(
     )
     add_common_flags(role, interval=interval, metrics_address=":9103")
     return role
+
+
+def _add_controller_link_flags(parser: AgentArgumentParser) -> None:
+    """Where the injector gets its files: the controller's file stream (no Secret read)."""
+    link = ControllerLinkConfig()
+    parser.add_argument(
+        "--controller-url",
+        type=_url_list,
+        default=link.urls,
+        env="CONTROLLER_URL",
+        help="comma-separated https:// URLs of the controller; each host is resolved to all "
+        "its addresses (a headless Service: one per replica), tried in turn",
+    )
+    parser.add_argument(
+        "--controller-server-name",
+        default="",
+        env="CONTROLLER_SERVER_NAME",
+        help="name the controller's certificate must carry (default: each URL's host)",
+    )
+    parser.add_argument(
+        "--controller-token-file",
+        default=link.token_file,
+        env="CONTROLLER_TOKEN_FILE",
+        help="projected ServiceAccount token presented to the controller (audience "
+        "node-agents.io/token-files); read again at every connection",
+    )
+    parser.add_argument(
+        "--ca-configmap",
+        default=link.ca_configmap,
+        env="CA_CONFIGMAP",
+        help="ConfigMap (key ca.crt) in this pod's namespace with the CA the controller's "
+        "certificate must chain to",
+    )
+    parser.add_argument(
+        "--ca-file",
+        default="",
+        env="CA_FILE",
+        help="a mounted CA bundle instead of --ca-configmap (cert-manager, trust-manager)",
+    )
+    parser.add_argument(
+        "--state-file",
+        default=link.state_file,
+        env="STATE_FILE",
+        help="the last files received, rewritten after a container restart while the "
+        "controller is unreachable (an emptyDir); empty: none",
+    )
 
 
 def _add_secret_selector(parser: AgentArgumentParser) -> None:
@@ -417,6 +464,8 @@ def main(
                 )
         elif not args.node_name:
             raise ConfigError("--node-name (or NODE_NAME) is required: only its pods get files")
+        else:
+            _check_controller_urls(args.controller_url)
         api_client = None if args.role == "local" else _cluster(args.kubeconfig)
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else EXIT_BAD_CONFIG
@@ -558,6 +607,18 @@ def _files_config(args: argparse.Namespace) -> FilesConfig:
         injector_service_account=args.injector_service_account,
         injector_selector=args.injector_selector,
     )
+
+
+def _check_controller_urls(urls: Sequence[str]) -> None:
+    from agents.token_refresher.fileclient import parse_url
+
+    if not urls:
+        raise ConfigError("--controller-url names no URL")
+    for url in urls:
+        try:
+            parse_url(url)
+        except ValueError as err:
+            raise ConfigError(f"--controller-url: {err}") from None
 
 
 def _own_namespace() -> str:
@@ -715,7 +776,15 @@ def _injector(
         interval=args.interval,
         dry_run=args.dry_run,
         workers=args.workers,
-        secret_selector=args.secret_selector,
+        controller=ControllerLinkConfig(
+            urls=tuple(args.controller_url),
+            server_name=args.controller_server_name,
+            token_file=args.controller_token_file,
+            ca_configmap=args.ca_configmap,
+            ca_file=args.ca_file,
+            namespace=_own_namespace(),
+            state_file=args.state_file,
+        ),
     )
     log.info(
         "%s %s injector starting with %s",
@@ -735,6 +804,7 @@ def _injector(
         injector.tick()
         # Blind until this node's pods are listed.
         run.loop_metrics.up.set(1 if injector.pods.synced else 0)
+        heartbeat.set_ready(*injector.ready())
 
     injector.start()
     try:
@@ -742,17 +812,14 @@ def _injector(
             if not injector.pods.wait_synced(30):
                 log.error("this node's pods could not be listed within 30 s")
                 return 1
+            if not injector.files.wait_current(30):
+                log.warning("no files from the controller within 30 s; using those kept")
             injector.tick()
             injector.flush_events()
             return 0
         with serving(
             PROG, run.registry, heartbeat, args.metrics_address, stop=run.stop
         ) as stop_event:
-            threading.Thread(
-                target=lambda: heartbeat.set_ready(injector.pods.wait_synced(3600)),
-                name="ready",
-                daemon=True,
-            ).start()
             run_loop(
                 tick,
                 interval=min(args.interval, 5.0),

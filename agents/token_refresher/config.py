@@ -139,15 +139,52 @@ class ControllerConfig:
 
 
 @dataclass(frozen=True)
+class ControllerLinkConfig:
+    """How an injector reaches the controller replicas that serve its files."""
+
+    urls: tuple[str, ...] = ("https://token-refresher-controller:8443",)
+    """Each URL's host is resolved to all its addresses (a headless Service gives
+    one per ready replica); they are tried in turn, the next after an error."""
+    server_name: str = ""
+    """Name the serving certificate must carry; empty: each URL's host."""
+    token_file: str = "/var/run/secrets/node-agents.io/token-files/token"
+    """The projected ServiceAccount token (audience node-agents.io/token-files);
+    re-read at every connection, since the kubelet rotates it."""
+    ca_configmap: str = "token-refresher-ca"
+    """ConfigMap (key ca.crt) in the injector's own namespace holding the CA bundle
+    the controller's certificate must chain to; read by name, nothing else."""
+    ca_file: str = ""
+    """A mounted CA bundle instead of the ConfigMap (cert-manager, trust-manager)."""
+    namespace: str = "default"
+    """The injector's own namespace, where the CA ConfigMap lives."""
+    state_file: str = "/var/lib/token-injector/files.json"
+    """The last files received, so that a restarted injector container rewrites
+    them while the controller is unreachable (an emptyDir survives restarts)."""
+    read_timeout: float = 30.0
+    """Silence that ends a stream: the server sends a heartbeat every 10 s."""
+    connect_timeout: float = 10.0
+    backoff_base: float = 0.5
+    """First retry delay after a failure; doubles per failure, with jitter."""
+    backoff_cap: float = 30.0
+    """Longest delay between attempts: a controller back up is found within this."""
+    debounce: float = 0.2
+    """A change of this node's pods waits this long for more before the stream is
+    reopened: a burst of pod events costs one reconnection, not one each."""
+    ready_grace: float = 60.0
+    """With pods to serve, not ready once this long without a live stream (a
+    state file loaded at start counts as one, once)."""
+
+
+@dataclass(frozen=True)
 class InjectorConfig:
     node_name: str
     proc_root: str = "/proc"
     """Where the host's processes are seen (hostPID: /proc)."""
     interval: float = 60.0
     """Every file is checked (and rewritten if changed or gone) at least this often;
-    Secret and pod changes are handled at once."""
+    new files from the controller and pod changes are handled at once."""
     dry_run: bool = False
     workers: int = 8
     """Files written in parallel (fsync dominates a write)."""
-    secret_selector: str = ""
-    """Label selector the Secrets are listed with; empty: every Secret."""
+    controller: ControllerLinkConfig = field(default_factory=ControllerLinkConfig)
+    """Where the files come from: the controller's file stream (no Secret is read)."""

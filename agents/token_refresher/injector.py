@@ -1,12 +1,13 @@
 """The injector: one per node, keeps token files in the containers of its pods.
 
-It watches the pods bound to its node (field selector spec.nodeName) and,
-per namespace where those pods ask for tokens, the token Secrets there
-(`<prefix>/is-token: "true"`; others are dropped on arrival). A change of
-either marks the pods concerned; the next pass, right away, renders their
-files and writes the ones that changed. A full pass every `interval`
-re-checks every file (a container may have deleted its copy). A Secret
-refresh therefore costs the injector no API call: the watch delivers it.
+It watches the pods bound to its node (field selector spec.nodeName) and
+takes the files' contents from the controller (fileclient.py): one stream to
+a controller replica that renders, for the pods this node claims, each
+file's content, mode and owner, or the problem that prevents it. This node
+reads no Secret and no template ConfigMap. A pod change marks that pod; a
+snapshot from the controller marks the pods it lists; the next pass, right
+away, writes the files that changed. A full pass every `interval` re-checks
+every file (a container may have deleted its copy).
 
 A file is written into a container from the node, with no pods/exec:
 - the container ID comes from the pod's status; a process of that container
@@ -17,22 +18,28 @@ A file is written into a container from the node, with no pods/exec:
   and nothing is written;
 - the file is written under that root by `inject.write_file`: symlink-safe,
   atomic, and left alone when content, mode and owner are already right.
-A restarted container has a new container ID: its file is written again.
+A restarted container has a new container ID: its file is written again from
+the files kept, at once, without waiting for the controller.
+
+Files the controller no longer lists for a pod (its annotation changed) and
+the files of a controller that cannot be reached are left in place: the
+container keeps its last token until that expires, and deleting a credential
+under a running job could break it for nothing.
 
 What cannot be done (a malformed annotation, a missing Secret or container,
-a bad template, a read-only or hostile filesystem) is logged, counted and
-reported once as a Warning Event on the pod, until it changes.
+a bad template: the controller says so; a read-only or hostile filesystem)
+is logged, counted and reported once as a Warning Event on the pod, until it
+changes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -45,8 +52,17 @@ from agents.common.attribution import (
     read_cgroup,
 )
 from agents.common.kube import EventRecorder, ObjectRef
-from agents.common.watchcache import NodePodCache, WatchCache
+from agents.common.watchcache import NodePodCache
 from agents.token_refresher.config import InjectorConfig
+from agents.token_refresher.fileclient import (
+    CaBundle,
+    CaConfigMap,
+    CaFile,
+    DeliveredFile,
+    DeliveredPod,
+    FileClient,
+    claims_of,
+)
 from agents.token_refresher.inject import (
     InjectError,
     container_root,
@@ -54,21 +70,11 @@ from agents.token_refresher.inject import (
     write_file,
 )
 from agents.token_refresher.metrics import InjectorMetrics
-from agents.token_refresher.oauth import Token, TokenFormatError
-from agents.token_refresher.spec import (
-    Injection,
-    SpecError,
-    is_token_secret,
-    parse_to_inject,
-    parse_token_secret,
-    render,
-    template_of,
-)
+from agents.token_refresher.spec import Injection
 
 log = logging.getLogger(__name__)
 
 COMPONENT = "token-refresher-injector"
-NOT_FOUND = 404
 _DONE_PHASES = ("Succeeded", "Failed")
 # A full pass is due this share of `interval` after the last one (see tick()).
 FULL_PASS_DUE = 0.85
@@ -111,6 +117,17 @@ class _Problem(Exception):
         """Not an error: the container or the Secret is not there *yet*."""
 
 
+def _injection(file: DeliveredFile) -> Injection:
+    return Injection(
+        secret_name=file.secret,
+        container=file.container,
+        owner=file.owner,
+        group=file.group,
+        path=file.path,
+        mode=file.mode,
+    )
+
+
 @dataclass(frozen=True)
 class _Job:
     target: Target
@@ -143,49 +160,59 @@ class Injector:
         *,
         metrics: InjectorMetrics,
         recorder: EventRecorder | None = None,
-        clock: Callable[[], float] = time.time,
+        ca: CaBundle | None = None,
+        files: Callable[..., FileClient] = FileClient,
     ) -> None:
-        from kubernetes import client
-
+        """`ca`: the controller's CA bundle (default: --ca-file, else the CA ConfigMap);
+        `files` makes the file stream client (tests pass one with their resolver)."""
         self.config = config
         self.api_client = api_client
-        self._core: Any = client.CoreV1Api(api_client)
         self._metrics = metrics
         self._recorder = recorder
-        self._clock = clock
         self.pods = NodePodCache(api_client, config.node_name, on_change=self._pod_changed)
+        link = config.controller
+        if ca is None:
+            ca = (
+                CaFile(link.ca_file)
+                if link.ca_file
+                else CaConfigMap(
+                    api_client, link.namespace, link.ca_configmap, on_api_call=metrics.api_call
+                )
+            )
+        self.files = files(
+            link,
+            config.node_name,
+            claims=lambda: claims_of(self.pods.objects()),
+            ca=ca,
+            metrics=metrics,
+            on_files=self._files_changed,
+        )
         self.wake = threading.Event()
         self._lock = threading.Lock()
-        self._secrets: dict[str, WatchCache] = {}  # namespace -> its token Secrets
         self._dirty: set[str] = set()  # pod UIDs to look at in the next pass
-        self._users: dict[tuple[str, str], set[str]] = {}  # (ns, Secret) -> pod UIDs
-        self._uses: dict[str, set[tuple[str, str]]] = {}  # pod UID -> its (ns, Secret)s
+        self._delivered = False  # new files from the controller since the last pass
         # pod UID -> (container, path) -> state: per pod, so that a pass costs
         # O(files), not O(pods x files).
         self._files: dict[str, dict[tuple[str, str], _FileState]] = {}
         self._pod_problems: dict[str, str] = {}  # pod UID -> annotation problem reported
         self._pids: dict[str, int] = {}  # bare container ID -> a PID in it
-        self._templates: dict[tuple[str, str], dict[str, Any] | None] = {}
         self._last_full = -float("inf")
-        self._watch_counts: dict[int, tuple[int, int]] = {}
+        self._watch_counts: tuple[int, int] = (0, 0)
         self._pool = ThreadPoolExecutor(config.workers, thread_name_prefix="inject")
         # Events are posted by one thread of their own, in order: 500 new
-        # containers must not hold a Secret update back for 500 POSTs.
+        # containers must not hold a token update back for 500 POSTs.
         self._events = ThreadPoolExecutor(1, thread_name_prefix="events")
 
     # -- life cycle
 
     def start(self) -> Injector:
         self.pods.start()
+        self.files.start()
         return self
 
     def stop(self) -> None:
+        self.files.stop()
         self.pods.stop()
-        with self._lock:
-            caches = list(self._secrets.values())
-            self._secrets.clear()
-        for cache in caches:
-            cache.stop()
         self._pool.shutdown(wait=True)
         # Events still queued are dropped: a stopping agent must not wait on an API.
         self._events.shutdown(wait=True, cancel_futures=True)
@@ -197,21 +224,26 @@ class Injector:
         except TimeoutError:
             log.warning("Events still queued after %.0f s; dropping them", timeout)
 
-    # -- watch callbacks (watch threads): mark, wake, return
+    def ready(self) -> tuple[bool, str]:
+        """Ready once this node's pods are listed and, with pods to serve, while the
+        controller's files are current (fileclient.FileClient.ready)."""
+        if not self.pods.synced:
+            return False, "this node's pods are not listed yet"
+        return self.files.ready()
+
+    # -- callbacks (watch and stream threads): mark, wake, return
 
     def _pod_changed(self, type_: str, pod: dict[str, Any]) -> None:
         uid = (pod.get("metadata") or {}).get("uid", "")
         with self._lock:
             self._dirty.add(uid)
+        self.files.claims_changed()
         self.wake.set()
 
-    def _secret_changed(self, type_: str, secret: dict[str, Any]) -> None:
-        meta = secret.get("metadata") or {}
+    def _files_changed(self) -> None:
         with self._lock:
-            users = self._users.get((meta.get("namespace", ""), meta.get("name", "")), set())
-            self._dirty |= users
-        if users:
-            self.wake.set()
+            self._delivered = True
+        self.wake.set()
 
     # -- one pass
 
@@ -226,110 +258,81 @@ class Injector:
         full = started - self._last_full >= FULL_PASS_DUE * self.config.interval
         with self._lock:
             dirty, self._dirty = self._dirty, set()
+            delivered, self._delivered = self._delivered, False
         pods = self.pods.by_uid()
+        snapshot = self.files.files()
+        delivered_pods = dict(snapshot.pods) if snapshot is not None else {}
+        if delivered:
+            # Unchanged files are skipped by their digest: this costs no write.
+            dirty |= set(delivered_pods) | set(self._files) | set(self._pod_problems)
         if full:
             self._last_full = started
-            self._templates.clear()  # templates are re-read once per full pass
             dirty = set(pods) | set(self._pod_problems) | set(self._files)
         jobs: list[_Job] = []
         for uid in dirty:
-            jobs.extend(self._plan_pod(uid, pods.get(uid), full))
+            jobs.extend(self._plan_pod(uid, pods.get(uid), delivered_pods.get(uid), full))
         if full:
             self._forget_exited_containers(jobs)
-        self._forget_unused_namespaces()
         self._run(jobs)
         self._export_states()
         if jobs or full:
             self._metrics.write_seconds.set(time.monotonic() - started)
 
-    def _plan_pod(self, uid: str, pod: dict[str, Any] | None, full: bool) -> list[_Job]:
+    def _plan_pod(
+        self,
+        uid: str,
+        pod: dict[str, Any] | None,
+        delivered: DeliveredPod | None,
+        full: bool,
+    ) -> list[_Job]:
         """The writes this pod needs now; problems are reported here."""
         phase = ((pod or {}).get("status") or {}).get("phase")
-        if pod is None or phase in _DONE_PHASES:
+        if pod is None or phase in _DONE_PHASES or delivered is None:
+            # Not (or no longer) served by the controller: what was written stays.
             self._forget_pod(uid)
             return []
         meta = pod.get("metadata") or {}
-        try:
-            injections = parse_to_inject(meta.get("annotations"))
-        except SpecError as err:
+        if delivered.problem is not None:
             self._forget_pod(uid, keep_problem=True)
-            self._annotation_problem(pod, str(err))
+            self._annotation_problem(pod, delivered.problem.reason, delivered.problem.message)
             return []
         namespace = meta.get("namespace", "")
         if self._pod_problems.pop(uid, None) is not None:
             log.info("pod %s/%s: to-inject is usable again", namespace, meta.get("name"))
-        targets = [Target(uid, namespace, meta.get("name", ""), i) for i in injections]
-        self._set_users(uid, namespace, {t.injection.secret_name for t in targets})
-        if not targets:
+        delivered_files = {file.key: file for file in delivered.files}
+        if not delivered_files:
             self._files.pop(uid, None)
             return []
         files = self._files.setdefault(uid, {})
-        wanted = {t.key for t in targets}
-        for key in [k for k in files if k not in wanted]:
-            del files[key]
+        for key in [k for k in files if k not in delivered_files]:
+            del files[key]  # no longer asked for: the file stays where it is
         jobs = []
-        for target in targets:
-            state = files.setdefault(target.key, _FileState())
+        for key, file in delivered_files.items():
+            target = Target(uid, namespace, meta.get("name", ""), _injection(file))
+            state = files.setdefault(key, _FileState())
             try:
-                job = self._plan(target, pod)
+                job = self._plan(target, pod, file)
             except _Problem as problem:
                 self._problem(target, state, problem)
                 continue
+            if job is None:
+                continue  # held: an older token than the one written came in
             if not full and job.digest == state.digest and job.container_id == state.container_id:
                 continue  # written already, and nothing changed since
             jobs.append(job)
         return jobs
 
-    def _plan(self, target: Target, pod: dict[str, Any]) -> _Job:
+    def _plan(self, target: Target, pod: dict[str, Any], file: DeliveredFile) -> _Job | None:
         injection = target.injection
+        # The container first: a file problem waits for a running container, as before.
         container_id = _container_id(pod, injection.container)
-        cache = self._secret_cache(target.namespace)
-        if not cache.synced:
-            raise _Problem("no_secret", "the token Secrets are not listed yet", waiting=True)
-        secret = cache.named(target.namespace, injection.secret_name)
-        if secret is None:
-            selector = self.config.secret_selector
-            raise _Problem(
-                "no_secret",
-                f"no token Secret {injection.secret_name} in namespace {target.namespace} "
-                '(a Secret annotated is-token: "true"'
-                + (f" with labels {selector}" if selector else "")
-                + ")",
-            )
-        try:
-            token_json = parse_token_secret(secret).token_json
-            token = Token.from_json(token_json, self._clock())
-        except (SpecError, TokenFormatError) as err:
-            raise _Problem("bad_secret", f"token Secret {injection.secret_name}: {err}") from None
-        template = None
-        if injection.template_config_map:
-            template = self._template(target.namespace, injection.template_config_map)
-        try:
-            content = render(template, token)
-        except SpecError as err:
-            raise _Problem("bad_template", str(err)) from None
+        if file.problem is not None:
+            raise _Problem(file.problem.reason, file.problem.message, waiting=file.problem.waiting)
+        if file.content is None:
+            return None
+        content = file.content
         header = f"{injection.mode}:{injection.owner}:{injection.group}:".encode()
         return _Job(target, container_id, content, hashlib.sha256(header + content).digest())
-
-    def _template(self, namespace: str, name: str) -> str:
-        key = (namespace, name)
-        if key not in self._templates:
-            self._metrics.api_call("get", "configmaps")
-            try:
-                response = self._core.read_namespaced_config_map(
-                    name, namespace, _preload_content=False, _request_timeout=10
-                )
-                self._templates[key] = json.loads(response.data)
-            except Exception as err:
-                if getattr(err, "status", None) != NOT_FOUND:
-                    raise _Problem(
-                        "bad_template", f"cannot read template ConfigMap {name}: {_short(err)}"
-                    ) from None
-                self._templates[key] = None
-        try:
-            return template_of(self._templates[key], name)
-        except SpecError as err:
-            raise _Problem("bad_template", str(err)) from None
 
     # -- writing (a thread pool: fsync and the /proc walk dominate)
 
@@ -427,36 +430,7 @@ class Injector:
 
     # -- bookkeeping
 
-    def _secret_cache(self, namespace: str) -> WatchCache:
-        with self._lock:
-            cache = self._secrets.get(namespace)
-            if cache is None:
-                cache = WatchCache(
-                    self.api_client,
-                    "secrets",
-                    namespace=namespace,
-                    label_selector=self.config.secret_selector,
-                    keep=is_token_secret,
-                    on_change=self._secret_changed,
-                )
-                self._secrets[namespace] = cache
-                cache.start()
-        # A first pass waits briefly rather than reporting every file as waiting.
-        cache.wait_synced(2.0)
-        return cache
-
-    def _set_users(self, uid: str, namespace: str, secrets: Iterable[str]) -> None:
-        uses = {(namespace, name) for name in secrets}
-        with self._lock:
-            for key in self._uses.pop(uid, set()) - uses:
-                self._users.get(key, set()).discard(uid)
-            for key in uses:
-                self._users.setdefault(key, set()).add(uid)
-            if uses:
-                self._uses[uid] = uses
-
     def _forget_pod(self, uid: str, *, keep_problem: bool = False) -> None:
-        self._set_users(uid, "", ())
         self._files.pop(uid, None)
         if not keep_problem:
             self._pod_problems.pop(uid, None)
@@ -469,20 +443,6 @@ class Injector:
         """
         wanted = {bare_container_id(job.container_id) for job in jobs}
         self._pids = {cid: pid for cid, pid in self._pids.items() if cid in wanted}
-
-    def _forget_unused_namespaces(self) -> None:
-        with self._lock:
-            for key in [k for k, users in self._users.items() if not users]:
-                del self._users[key]
-            used = {namespace for namespace, _ in self._users}
-            unused = [ns for ns in self._secrets if ns not in used]
-            caches = [self._secrets.pop(ns) for ns in unused]
-        for cache in caches:
-            self._count_cache(cache)
-            cache.stop()
-            # id() values are reused once the cache is freed: never let a new
-            # cache inherit this one's counts.
-            self._watch_counts.pop(id(cache), None)
 
     # -- reporting
 
@@ -502,13 +462,13 @@ class Injector:
             f"{injection.path} in container {injection.container}: {problem}",
         )
 
-    def _annotation_problem(self, pod: dict[str, Any], message: str) -> None:
+    def _annotation_problem(self, pod: dict[str, Any], reason: str, message: str) -> None:
         meta = pod.get("metadata") or {}
         uid = meta.get("uid", "")
         if self._pod_problems.get(uid) == message:
             return
         self._pod_problems[uid] = message
-        self._metrics.injection_failures.labels("bad_annotation").inc()
+        self._metrics.injection_failures.labels(reason).inc()
         log.warning("pod %s/%s: %s", meta.get("namespace"), meta.get("name"), message)
         self._event(
             ObjectRef("Pod", meta.get("name", ""), meta.get("namespace", ""), uid),
@@ -532,19 +492,13 @@ class Injector:
             self._metrics.files.labels(name).set(count)
 
     def _count_watches(self) -> None:
-        with self._lock:
-            caches: list[WatchCache] = [self.pods, *self._secrets.values()]
-        for cache in caches:
-            self._count_cache(cache)
-
-    def _count_cache(self, cache: WatchCache) -> None:
-        lists, watches = cache.lists, cache.watches
-        seen_lists, seen_watches = self._watch_counts.get(id(cache), (0, 0))
+        lists, watches = self.pods.lists, self.pods.watches
+        seen_lists, seen_watches = self._watch_counts
         if lists > seen_lists:
-            self._metrics.api_calls.labels("list", cache.resource).inc(lists - seen_lists)
+            self._metrics.api_calls.labels("list", "pods").inc(lists - seen_lists)
         if watches > seen_watches:
-            self._metrics.api_calls.labels("watch", cache.resource).inc(watches - seen_watches)
-        self._watch_counts[id(cache)] = (lists, watches)
+            self._metrics.api_calls.labels("watch", "pods").inc(watches - seen_watches)
+        self._watch_counts = (lists, watches)
 
 
 def _container_id(pod: dict[str, Any], name: str) -> str:
@@ -580,11 +534,3 @@ def _in_container(pid: int, container_id: str, proc_root: str) -> bool:
     except (ProcessGone, AttributionError):
         return False
     return ref is not None and ref.container_id == container_id
-
-
-def _short(err: BaseException) -> str:
-    """One line for an Event: str() of an ApiException spans lines, headers and body."""
-    status = getattr(err, "status", None)
-    if isinstance(status, int):
-        return f"HTTP {status} {getattr(err, 'reason', '') or ''}".strip()
-    return " ".join(str(err).split())[:300] or type(err).__name__

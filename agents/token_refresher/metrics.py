@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from agents.token_refresher.config import OFFLINE_IDLE
@@ -170,9 +170,61 @@ class InjectorMetrics:
             "Duration of the last pass that wrote or checked files.",
             registry=registry,
         )
+        self.controller_connected = Gauge(
+            f"{PREFIX}_injector_controller_connected",
+            "1 while a stream from a controller replica is open and has delivered its files.",
+            registry=registry,
+        )
+        self.controller_errors = Counter(
+            f"{PREFIX}_injector_controller_errors",
+            "Failed or lost streams from the controller, by reason: unauthenticated, "
+            "forbidden, too_many_pods, unavailable, bad_request, http_<code> (HTTP "
+            "answers), connection, timeout (silent stream), tls, dns, protocol, token_file "
+            "(projected token unreadable), ca (CA bundle unavailable).",
+            ["reason"],
+            registry=registry,
+        )
+        self.stale_files_ignored = Counter(
+            f"{PREFIX}_injector_stale_files_ignored",
+            "Files delivered with an older token than the one already kept for them "
+            "(a replica whose cache lags); the newer one stays.",
+            registry=registry,
+        )
+        self._age = _SnapshotAge()
+        registry.register(self._age)
 
     def api_call(self, verb: str, resource: str) -> None:
         self.api_calls.labels(verb, resource).inc()
+
+    def snapshot_age_from(self, age: Callable[[], float | None]) -> None:
+        """Where `injector_snapshot_age_seconds` comes from at scrape time."""
+        self._age.age = age
+
+
+class _SnapshotAge(Collector):
+    """Seconds since the files in use were last confirmed by a controller; absent
+    before any were received or loaded."""
+
+    NAME = f"{PREFIX}_injector_snapshot_age_seconds"
+    HELP = (
+        "Seconds since the controller last confirmed the files this injector keeps "
+        "(a snapshot or a heartbeat on a live stream; after a restart, the time the "
+        "state file's files were received)."
+    )
+
+    def __init__(self) -> None:
+        self.age: Callable[[], float | None] = lambda: None
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(self.NAME, self.HELP)
+
+    def collect(self) -> Iterator[Metric]:
+        age = self.age()
+        if age is None:
+            return
+        family = GaugeMetricFamily(self.NAME, self.HELP)
+        family.add_metric([], age)
+        yield family
 
 
 FILES_REQUEST_OUTCOMES = (

@@ -485,6 +485,7 @@ def test_once_refreshes_what_is_due_and_exits(kube: FakeKube, idp: TestIdP, tmp_
         (["controller", "--token-url", "http://idp.example/token"], "http"),
         (["controller", "--renew-interval", "40"], "lease-duration"),
         (["injector"], "node-name"),
+        (["injector", "--node-name", "n", "--controller-url", "http://c:8443"], "https://"),
         (["controller", "--secret-selector", "tier in prod"], "label selector"),
     ],
 )

@@ -2,38 +2,52 @@
 (real HTTP), writing into fake containers that are real chrooted processes in
 kubelet-like cgroups (hack/containers.py). Root needed.
 
+The files come the way they do in a cluster: a real controller (its file
+server on loopback, TLS from its own CA in the CA ConfigMap) streams them to
+the injector, which presents a projected token the fake API issued for its
+pod. Both run as their bundle ServiceAccounts under the bundle's RBAC: the
+injector reads no Secret and no ConfigMap but its CA.
+
 Each test maps to an acceptance point of the injector.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import stat
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import agents.token_refresher.injector as injector_module
+from agents.token_refresher import cli
 from agents.token_refresher.cli import main
 from hack.autofs_world import wait_for
 from hack.containers import Container, ContainerWorld, new_pod_uid
 from tests.support.agent import AgentThread
 from tests.support.containers import build_init, container_world
 from tests.support.fake_kube import FakeKube
+from tests.support.rbac import bundle_rbac
+from tests.support.token_files import AUDIENCE, INJECTOR_LABELS, INJECTOR_SA
 from tests.support.tokens import token_secret_object
 
 pytestmark = pytest.mark.root
 
 NODE = "node-a"
 NS = "science"
+AGENTS_NS = "node-agents"  # the bundle's namespace: RBAC grants the agents' Roles there
+CONTROLLER_SA = "token-refresher-controller"
 CERN = "oauth2-refresh-controller.cern.ch"
 OURS = "token-refresher.node-agents.io"
 EOS = "oauth2:$(ACCESS_TOKEN):auth.cern.ch/auth/realms/cern/protocol/openid-connect/userinfo"
@@ -94,21 +108,43 @@ def entry(container: str = "app", secret: str = "tok", **more: Any) -> dict[str,
 
 
 def events(kube: FakeKube, reason: str | None = None, pod: str | None = None) -> list[Any]:
+    """The injector's Events (the controller posts its own, about Secrets)."""
     return [
         e
         for e in kube.objects("events", NS)
-        if (reason is None or e["reason"] == reason)
+        if e.get("reportingComponent") == injector_module.COMPONENT
+        and (reason is None or e["reason"] == reason)
         and (pod is None or e["involvedObject"]["name"] == pod)
     ]
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# Requests the controller makes on its own, whatever the injectors do: Lease
+# renewals, and the re-checks of a stream's caller (TokenReview, its pod).
+CONTROLLER_UPKEEP = (
+    r"/apis/coordination\.k8s\.io/.*|/apis/authentication\.k8s\.io/.*"
+    rf"|/api/v1/namespaces/{AGENTS_NS}/pods/.*"
+)
+
+
+def requests_but_upkeep(kube: FakeKube) -> list[Any]:
+    upkeep = re.compile(CONTROLLER_UPKEEP)
+    return [c for c in kube.calls(watch=False) if not upkeep.fullmatch(c.path)]
+
+
 @dataclass
 class Cluster:
-    """A fake API server, fake containers, and helpers to make pods of them."""
+    """A fake API server, fake containers, a controller serving files, and helpers."""
 
     kube: FakeKube
     containers: ContainerWorld
-    kubeconfig: Path
+    tmp: Path
+    files_port: int = field(default_factory=free_port)
 
     def pod(
         self,
@@ -128,6 +164,13 @@ class Cluster:
     def republish(self, name: str, started: list[Container], annotations: dict[str, str]) -> None:
         self.kube.put(self.containers.pod(name, NS, NODE, started, annotations))
 
+    @property
+    def kubeconfig(self) -> Path:
+        """The injector's: its ServiceAccount's token, the bundle's rules."""
+        return self.kube.kubeconfig(
+            self.tmp / "kubeconfig-injector", service_account=f"{AGENTS_NS}/{INJECTOR_SA}"
+        )
+
     def argv(self, *extra: str, interval: float = 0.3) -> list[str]:
         return [
             "injector",
@@ -139,11 +182,102 @@ class Cluster:
             str(interval),
             "--metrics-address",
             "off",
+            "--controller-url",
+            f"https://127.0.0.1:{self.files_port}",
+            "--controller-token-file",
+            str(self.projected_token()),
+            "--state-file",
+            str(self.tmp / "injector-state" / "files.json"),
             *extra,
         ]
 
-    def injector(self, *extra: str, interval: float = 0.3) -> AgentThread:
-        return AgentThread(main, self.argv(*extra, interval=interval))
+    def projected_token(self) -> Path:
+        """The injector pod's projected token (audience of the file server), as kubelet
+        writes it; the pod is published first, as the DaemonSet's would be."""
+        name = f"injector-{NODE}"
+        pod = self.kube.get("pods", AGENTS_NS, name)
+        if pod is None:
+            pod = self.kube.put(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {
+                        "name": name,
+                        "namespace": AGENTS_NS,
+                        "uid": new_pod_uid(),
+                        "labels": dict(INJECTOR_LABELS),
+                    },
+                    "spec": {
+                        "nodeName": NODE,
+                        "serviceAccountName": INJECTOR_SA,
+                        "containers": [{"name": "injector", "image": "node-agents"}],
+                    },
+                    "status": {"phase": "Running"},
+                }
+            )
+        meta = pod["metadata"]
+        path = self.tmp / "projected" / "token"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(
+            self.kube.service_account_token(
+                AGENTS_NS,
+                INJECTOR_SA,
+                audiences=(AUDIENCE,),
+                pod=(meta["name"], meta["uid"]),
+            )
+        )
+        return path
+
+    def controller_argv(self, *extra: str) -> list[str]:
+        kubeconfig = self.kube.kubeconfig(
+            self.tmp / "kubeconfig-controller", service_account=f"{AGENTS_NS}/{CONTROLLER_SA}"
+        )
+        return [
+            "controller",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--interval",
+            "0.3",
+            "--metrics-address",
+            "off",
+            "--files-address",
+            f"127.0.0.1:{self.files_port}",
+            "--tls-names",
+            "127.0.0.1",
+            "--identity",
+            "replica-a",
+            # Never called (no token is due within a test), but a Secret without a
+            # token URL would be reported, and its status written, at every change.
+            "--token-url",
+            "https://idp.invalid/token",
+            *extra,
+        ]
+
+    @contextlib.contextmanager
+    def controller(self, *extra: str) -> Iterator[AgentThread]:
+        """The controller, once its file server answers with its CA published."""
+        with AgentThread(main, self.controller_argv(*extra)) as controller:
+            wait_for(lambda: self.kube.get("configmaps", AGENTS_NS, "token-refresher-ca"), 20)
+            wait_for(self._files_listening, 20)
+            yield controller
+
+    def _files_listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.files_port), 0.5).close()
+        except OSError:
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def injector(
+        self, *extra: str, interval: float = 0.3, controller: tuple[str, ...] = ()
+    ) -> Iterator[AgentThread]:
+        """The injector (yielded: tests read its metrics), with a controller serving it."""
+        with (
+            self.controller(*controller),
+            AgentThread(main, self.argv(*extra, interval=interval)) as agent,
+        ):
+            yield agent
 
 
 @pytest.fixture(scope="session")
@@ -152,13 +286,22 @@ def container_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def cluster(container_init: Path, tmp_path: Path) -> Iterator[Cluster]:
+def cluster(
+    container_init: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Cluster]:
+    # Both agents find their namespace where kubelet mounts it in their pods.
+    namespace_file = tmp_path / "serviceaccount-namespace"
+    namespace_file.write_text(AGENTS_NS)
+    monkeypatch.setattr(cli, "SERVICE_ACCOUNT_NAMESPACE", namespace_file)
     with (
         container_world(tmp_path / "containers", container_init) as containers,
-        FakeKube() as kube,
+        FakeKube(rbac_objects=bundle_rbac()) as kube,
     ):
-        kube.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
-        yield Cluster(kube, containers, kube.kubeconfig(tmp_path / "kubeconfig"))
+        for namespace in (NS, AGENTS_NS):
+            kube.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+        yield Cluster(kube, containers, tmp_path)
+        # Neither agent was refused anything it needs (nor tried what it must not).
+        assert kube.denied() == []
 
 
 def file_of(container: Container, path: str = "/tmp/oauthtk_1000") -> Path:
@@ -219,6 +362,8 @@ def test_files_land_in_the_named_containers_of_this_nodes_pods_only(cluster: Clu
 
 
 def test_a_secret_update_reaches_the_files_with_no_api_call(cluster: Cluster) -> None:
+    """The controller's Secret watch delivers it and its stream pushes it: no request
+    but the controller's own upkeep (Lease, re-checking its caller)."""
     kube = cluster.kube
     kube.put(token_secret("tok", "at-1", prefix=OURS))
     kube.put(template_map("eos-template"))
@@ -228,13 +373,13 @@ def test_a_secret_update_reaches_the_files_with_no_api_call(cluster: Cluster) ->
     with cluster.injector(interval=60) as agent:
         wait_for(lambda: all(has(file_of(c), eos("at-1")) for c in pods), 10)
         wait_for(lambda: len(events(kube, "TokenInjected")) == 3, 5)  # the pass is over
-        wait_for(lambda: kube.watchers >= 2, 5)  # pods, and the Secrets of the namespace
-        requests, watches = kube.count(watch=False), kube.count(watch=True)
+        wait_for(lambda: kube.watchers >= 2, 5)  # the injector's pods, the controller's Secrets
+        requests, watches = len(requests_but_upkeep(kube)), kube.count(watch=True)
         kube.put(token_secret("tok", "at-2", prefix=OURS))
         took = wait_for(lambda: all(has(file_of(c), eos("at-2")) for c in pods), 10)
         time.sleep(0.3)  # room for any stray request to show up
         assert took < 2.0, f"the new token took {took:.2f}s"
-        assert kube.count(watch=False) == requests, kube.calls()[-5:]
+        assert len(requests_but_upkeep(kube)) == requests, requests_but_upkeep(kube)[-5:]
         assert kube.count(watch=True) == watches
         wait_for(lambda: agent.value(FILES_WRITTEN) == 6, 2)
         print(f"secret update -> 3 files in {took:.3f}s")
@@ -480,7 +625,6 @@ def test_dry_run_writes_nothing(cluster: Cluster) -> None:
         wait_for(lambda: agent.value(TICKS) >= 5, 10)
         assert os.listdir(app.path("/tmp")) == []
         assert agent.value(FILES_WRITTEN) == 0
-    assert kube.count("POST") == 0
     assert events(kube) == []
 
 
@@ -488,14 +632,15 @@ def test_once_does_one_pass_and_returns(cluster: Cluster) -> None:
     kube = cluster.kube
     kube.put(token_secret("tok"))
     (app,) = cluster.pod("web", to_inject(entry()))
-    started = time.monotonic()
-    assert main(cluster.argv("--once")) == 0
-    took = time.monotonic() - started
+    with cluster.controller():
+        started = time.monotonic()
+        assert main(cluster.argv("--once")) == 0
+        took = time.monotonic() - started
     assert file_of(app).read_bytes() == b"at-1"
     print(f"--once took {took:.2f}s")
 
 
-# -- 8. --secret-selector: only labelled Secrets are read ------------------------------------
+# -- 8. the controller's --secret-selector: only labelled Secrets are served -----------------
 
 
 def test_a_secret_selector_serves_only_labelled_secrets(cluster: Cluster) -> None:
@@ -506,7 +651,7 @@ def test_a_secret_selector_serves_only_labelled_secrets(cluster: Cluster) -> Non
     kube.put(token_secret("plain", "at-9"))
     (served,) = cluster.pod("served", to_inject(entry(secret="tok")))
     (refused,) = cluster.pod("refused", to_inject(entry(secret="plain")))
-    with cluster.injector("--secret-selector", "node-agents.io/token=true") as agent:
+    with cluster.injector(controller=("--secret-selector", "node-agents.io/token=true")) as agent:
         wait_for(lambda: has(file_of(served), b"at-1"), 10)
         wait_for(lambda: agent.value(FAILURES, {"reason": "no_secret"}) == 1, 5)
         wait_for(lambda: len(events(kube, "TokenInjectionFailed", "refused")) == 1, 5)
@@ -514,7 +659,32 @@ def test_a_secret_selector_serves_only_labelled_secrets(cluster: Cluster) -> Non
         assert "no token Secret plain" in event["message"]
         assert "with labels node-agents.io/token=true" in event["message"]
         assert files_under(refused.root) == []
-    watched = kube.calls("GET", rf"/api/v1/namespaces/{NS}/secrets")
+    watched = kube.calls("GET", r"/api/v1/(namespaces/[^/]+/)?secrets")
     assert watched and all(
         c.query.get("labelSelector") == "node-agents.io/token=true" for c in watched
     )
+
+
+# -- 9. controller down: files stay, and come back from the injector's state --------------
+
+
+def test_with_the_controller_down_a_restarted_injector_writes_its_last_files(
+    cluster: Cluster,
+) -> None:
+    kube = cluster.kube
+    kube.put(token_secret("tok"))
+    annotations = to_inject(entry())
+    (app,) = cluster.pod("web", annotations)
+    with cluster.injector() as agent:
+        wait_for(lambda: has(file_of(app), b"at-1"), 10)
+        assert agent.value("token_refresher_injector_controller_connected") == 1
+    # The controller is gone, the injector's container restarts, and so does the
+    # app's (a new container, without the file).
+    restarted = cluster.containers.restart(app)
+    cluster.republish("web", [restarted], annotations)
+    with AgentThread(main, cluster.argv()) as agent:
+        wait_for(lambda: has(file_of(restarted), b"at-1"), 10)
+        assert agent.value("token_refresher_injector_controller_connected") == 0
+        errors = "token_refresher_injector_controller_errors_total"
+        wait_for(lambda: agent.value(errors, {"reason": "connection"}) >= 1, 5)
+        assert agent.value("token_refresher_injector_snapshot_age_seconds") >= 0

@@ -131,6 +131,8 @@ def _token_injector() -> CollectorRegistry:
     metrics.injection_failures.labels("symlink").inc()
     metrics.api_call("list", "pods")
     metrics.files.labels("failing").set(1)
+    metrics.controller_errors.labels("unauthenticated").inc()
+    metrics.snapshot_age_from(lambda: 12.0)
     return registry
 
 
