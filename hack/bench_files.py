@@ -602,7 +602,7 @@ class Injectors:
             try:
                 async with gate:  # bounded: how many are between connect and first snapshot
                     started = time.monotonic()
-                    reader, writer = await asyncio.wait_for(
+                    reader, opened = await asyncio.wait_for(
                         asyncio.open_connection(
                             "127.0.0.1",
                             self.plan["port"],
@@ -612,7 +612,8 @@ class Injectors:
                         timeout,
                     )
                     connected = time.monotonic()
-                    writer.write(request)
+                    writer = opened
+                    opened.write(request)
                     status, headers = await asyncio.wait_for(_head(reader), timeout)
                     if status != 200:
                         length = int(headers.get("content-length") or 0)
@@ -1115,7 +1116,7 @@ def _run(sizes: Sizes, push: int, args: argparse.Namespace, work: Path) -> tuple
             last = max(observed.first.values(), default=t_go)
         if missing:
             failures.append(
-                f"{len(missing)} node(s) not served in {args.timeout:.0f} s: {missing[:5]}"
+                f"{len(missing)} node(s) not served in {args.timeout:g} s: {missing[:5]}"
             )
         calls = kube.calls()
         started_sample = proc.sample()
@@ -1273,9 +1274,11 @@ def _steady(kube: FakeKube, seconds: float, streams: int) -> JSON:
     calls = Counter(api_request(c.method, c.path, c.watch) for c in kube.calls()[since:])
     return {
         "seconds": seconds,
-        "requests_per_s": {k: round(v / seconds, 2) for k, v in sorted(calls.items())},
+        "requests_per_s": {k: round(v / seconds, 2) for k, v in sorted(calls.items())}
+        if seconds > 0
+        else {},
         "requests_per_stream_per_min": round(sum(calls.values()) / seconds * 60 / streams, 2)
-        if streams
+        if streams and seconds > 0
         else None,
     }
 
