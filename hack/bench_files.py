@@ -19,7 +19,11 @@ IdP is called. It reports:
 - the API requests at start-up by verb and resource, the TokenReviews among them;
 - a push round: `--push` token Secrets updated at once, the time until every
   stream of a node using one got its new snapshot, and that no other stream
-  got any.
+  got any;
+- the API requests per second once all are served and nothing changes
+  (`--steady` seconds): the open streams' re-checks, template re-reads;
+- the connect + TLS handshake time, and the SYNs the machine dropped on a full
+  accept queue meanwhile (TcpExt ListenOverflows, machine-wide).
 
 It fails (exit 1) when a node is not served, a snapshot holds a file of
 another node's pod, a wrong or stale content, a refresh token or a client
