@@ -473,6 +473,11 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = True
     allow_reuse_address = True
+    # listen()'s backlog (socketserver's default is 5): after a controller
+    # restart thousands of injectors reconnect at once, and connections beyond
+    # the backlog wait for the kernel's SYN retries (1, 2, 4... s). The kernel
+    # caps it at net.core.somaxconn (4096 since Linux 5.4).
+    request_queue_size = 4096
     files: FileServer
 
     def finish_request(self, request: Any, client_address: Any) -> None:
