@@ -121,6 +121,10 @@ def _token_controller() -> CollectorRegistry:
     metrics.expiries.refresh.labels("users/alice-token", "false").set(1800)
     metrics.api_call("update", "secrets")
     metrics.token_secrets.labels("stopped").set(1)
+    files = token_metrics.FilesMetrics(registry)
+    files.streams.set(1)
+    files.snapshots_sent.inc()
+    token_metrics.TlsExpiry(registry, lambda: {"serving": 864000.0, "ca": 2.5e7})
     return registry
 
 

@@ -443,6 +443,40 @@ CASES = [
         ("20m",),
     ),
     Case(
+        "TokenRefresherInjectorCutOff",
+        "no controller replica answers the injector",
+        {s("token_refresher_injector_snapshot_age_seconds", INJECTOR): "0x5 60+60x20"},
+        ("25m",),
+        (Firing(keep(INJECTOR, *AGENT_POD), 1200),),
+    ),
+    Case(
+        "TokenRefresherInjectorCutOff",
+        "a controller restart: the injector is back within minutes",
+        {s("token_refresher_injector_snapshot_age_seconds", INJECTOR): "0x5 60+60x4 0x15"},
+        ("25m",),
+    ),
+    Case(
+        "TokenRefresherCertificateNotRenewed",
+        "no replica renewed the serving certificate",
+        {
+            s(
+                "token_refresher_tls_certificate_expiry_seconds", CONTROLLER, certificate="serving"
+            ): "518400-60x90",
+        },
+        ("80m",),
+        (Firing(keep(CONTROLLER, "namespace", "job", certificate="serving"), 513600),),
+    ),
+    Case(
+        "TokenRefresherCertificateNotRenewed",
+        "renewed with ten days left",
+        {
+            s(
+                "token_refresher_tls_certificate_expiry_seconds", CONTROLLER, certificate="serving"
+            ): "864000-60x30 2592000-60x60",
+        },
+        ("80m",),
+    ),
+    Case(
         "TokenRefresherBlind",
         "the injector cannot list its node's pods",
         {s("token_refresher_up", INJECTOR): "0x20"},
