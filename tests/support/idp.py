@@ -50,13 +50,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
-import ipaddress
 import logging
 import secrets
 import socket
 import ssl
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -97,89 +97,20 @@ class ThrowawayCA:
     the system store."""
 
     def __init__(self, directory: Path, ip_addresses: Iterable[str] = ()) -> None:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+        # Made as the token refresher's controller makes its own (tls.py).
+        from agents.token_refresher.tls import issue_serving_cert, make_ca
 
-        def key_usage(*, cert_sign: bool) -> x509.KeyUsage:
-            return x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=cert_sign,
-                crl_sign=cert_sign,
-                encipher_only=False,
-                decipher_only=False,
-            )
-
-        now = datetime.now(UTC)
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_name = x509.Name(
-            [x509.NameAttribute(NameOID.COMMON_NAME, f"node-agents test CA {uuid.uuid4()}")]
-        )
-        ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-        ca_cert = (
-            x509.CertificateBuilder()
-            .subject_name(ca_name)
-            .issuer_name(ca_name)
-            .public_key(ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=2))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(key_usage(cert_sign=True), critical=True)
-            .add_extension(ca_ski, critical=False)
-            .sign(ca_key, hashes.SHA256())
-        )
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=1))
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [
-                        x509.DNSName("localhost"),
-                        *(
-                            x509.IPAddress(ipaddress.ip_address(address))
-                            for address in dict.fromkeys(("127.0.0.1", *ip_addresses))
-                        ),
-                    ]
-                ),
-                critical=False,
-            )
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(key_usage(cert_sign=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-                critical=False,
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
+        now = time.time()
+        ca = make_ca(now, validity=timedelta(days=2))
+        names = ["127.0.0.1", "localhost", *ip_addresses]
+        served = issue_serving_cert(ca, names, now, validity=timedelta(days=1))
         directory.mkdir(parents=True, exist_ok=True)
         self.ca_path = directory / "ca.pem"
         self.cert_path = directory / "server.pem"
         self.key_path = directory / "server.key"
-        self.ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-        self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        self.key_path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
+        self.ca_path.write_text(ca.cert_pem)
+        self.cert_path.write_text(served.cert_pem)
+        self.key_path.write_text(served.key_pem)
 
     def server_context(self) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
