@@ -11,7 +11,8 @@ a heartbeat every 10 s.
   Service: one per ready replica), tried in turn; after an error the next one
   is tried, after capped exponential backoff with jitter (reset once a stream
   delivered a snapshot). A stream the server ends cleanly (every ~300 s, so
-  reviews are redone and load spreads) is reopened at once, to the next address.
+  reviews are redone and load spreads) is reopened at once, to the next address;
+  one cut without its last chunk (a replica killed) is an error like any other.
 - TLS (tls.client_context) trusts only the CA bundle (the CA ConfigMap read by name, cached and
   read again after a verify failure, or a mounted file) and verifies the URL's
   host name (or --controller-server-name). The projected token is read again
@@ -505,6 +506,38 @@ class _Connection(http.client.HTTPSConnection):
             raise
 
 
+class _Lines:
+    """The lines of a chunked response, where only the last chunk is an end.
+
+    HTTPResponse.readline() takes a connection closed between two chunks for the
+    end of the body (its peek() swallows the IncompleteRead): a replica killed
+    mid-stream would look like one that ended its stream on purpose. read1()
+    raises IncompleteRead there, so that a cut stream is an error.
+    """
+
+    def __init__(self, response: http.client.HTTPResponse) -> None:
+        self._response = response
+        self._buffer = bytearray()
+
+    def readline(self, limit: int) -> bytes:
+        """One line (with its newline), at most `limit` bytes; b"" after the last chunk."""
+        scanned = 0
+        while True:
+            end = self._buffer.find(b"\n", scanned)
+            if end >= 0 or len(self._buffer) >= limit:
+                size = min(end + 1 if end >= 0 else limit, limit)
+                line = bytes(self._buffer[:size])
+                del self._buffer[:size]
+                return line
+            scanned = len(self._buffer)
+            data = self._response.read1(65536)  # IncompleteRead when cut
+            if not data:  # the last chunk was read: a clean end
+                line = bytes(self._buffer)
+                self._buffer.clear()
+                return line
+            self._buffer += data
+
+
 class FileClient:
     """Keeps one stream open to a controller replica while this node has claims.
 
@@ -814,8 +847,9 @@ class FileClient:
             if response.status != http.HTTPStatus.OK:
                 raise self._refusal(endpoint, response)
             self.connects += 1
+            lines = _Lines(response)
             while True:
-                line = response.readline(MAX_LINE)
+                line = lines.readline(MAX_LINE)
                 if not line:
                     if self._reconnect.is_set():
                         return False

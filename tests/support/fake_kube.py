@@ -1080,6 +1080,7 @@ class FakeKube:
         self.evictions: list[Eviction] = []
         self._calls: list[ApiCall] = []
         self._injections: list[_Injection] = []
+        self._held_watches: list[re.Pattern[str]] = []
         self._refusals: int | None = 0  # None: refuse every eviction
         self._refusing_budget = ""
         self._hooks = threading.Lock()
@@ -1359,6 +1360,24 @@ class FakeKube:
             self._injections.append(
                 _Injection(method.upper(), re.compile(path_regex), error, times, watch)
             )
+
+    def hold_watches(self, path_regex: str) -> None:
+        """Watches whose whole path matches (open ones and new ones) deliver no change
+        until `release_watches()`, then every one they held, in order: a client whose
+        watch lags (a slow connection, an apiserver's watch cache behind etcd). Lists
+        and GETs still answer with the current state."""
+        with self._hooks:
+            self._held_watches.append(re.compile(path_regex))
+
+    def release_watches(self) -> None:
+        with self._hooks:
+            self._held_watches.clear()
+        with self.store.cond:
+            self.store.cond.notify_all()
+
+    def _held(self, path: str) -> bool:
+        with self._hooks:
+            return any(p.fullmatch(path) for p in self._held_watches)
 
     def refuse_evictions(self, times: int | None = 1, budget: str = "fake-pdb") -> None:
         """Answer the next `times` (None: all, 0: none) evictions 429, as a PodDisruptionBudget.
@@ -1840,7 +1859,8 @@ class FakeKube:
         try:
             for type_, obj in initial:
                 handler.send_chunk(_event_line(type_, obj))
-            for type_, obj in self._follow(handler, route.resource, where, cursor, deadline):
+            follow = self._follow(handler, route.resource, where, cursor, deadline, path=call.path)
+            for type_, obj in follow:
                 handler.send_chunk(_event_line(type_, obj))
             handler.send_chunk(b"")
         except OSError:
@@ -1850,10 +1870,23 @@ class FakeKube:
                 self._watchers -= 1
 
     def _follow(
-        self, handler: _Handler, res: Resource, where: Filter, cursor: int, deadline: float
+        self,
+        handler: _Handler,
+        res: Resource,
+        where: Filter,
+        cursor: int,
+        deadline: float,
+        *,
+        path: str,
     ) -> Iterator[tuple[str, JSON]]:
         """Events after `cursor` as they are committed, until the deadline or close."""
         while not self._closing.is_set() and time.monotonic() < deadline:
+            if self._held(path):  # hold_watches: the cursor stays, events wait
+                with self.store.cond:
+                    self.store.cond.wait(max(0.0, min(deadline - time.monotonic(), WATCH_POLL)))
+                if handler.client_gone():
+                    return
+                continue
             expired: ApiError | None = None
             with self.store.cond:
                 try:

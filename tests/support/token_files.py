@@ -4,6 +4,7 @@ every byte it received (tests scan them for refresh tokens and client secrets)."
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import ssl
@@ -184,10 +185,37 @@ class Received:
         self.chunks.append(data)
 
     def assert_clean(self, *secrets: str) -> None:
+        """None of `secrets` in any byte received, nor in any file content (base64 on
+        the wire, where a plain search would miss a leak)."""
         everything = b"".join(self.chunks)
         assert everything, "nothing received: the check would prove nothing"
+        decoded = b"".join(_contents(everything))
         for secret in secrets:
             assert secret.encode() not in everything, "a response held a refresh token or secret"
+            assert secret.encode() not in decoded, "a file held a refresh token or secret"
+
+
+def _contents(received: bytes) -> list[bytes]:
+    """Every `content` of every JSON line received, base64-decoded."""
+    found: list[bytes] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key == "content" and isinstance(item, str):
+                    found.append(base64.b64decode(item))
+                else:
+                    walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    for line in received.splitlines():
+        try:
+            walk(json.loads(line))
+        except ValueError:
+            continue  # headers, chunk sizes
+    return found
 
 
 class FilesStream:

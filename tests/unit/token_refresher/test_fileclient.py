@@ -74,6 +74,9 @@ class Behaviour:
     """Seconds between heartbeats; 0: silent after the snapshot."""
     end_after: float = 0.0
     """End the stream cleanly after this long; 0: never."""
+    cut_after: float = 0.0
+    """Close the connection after this long, without the last chunk (a replica
+    killed mid-stream); 0: never."""
     stamp: tuple[float, int] = (1000.0, 1)
     content: str = "at-1"
 
@@ -206,6 +209,10 @@ class Replica:
                 send(self.snapshot(claims, revision))
             elif b.heartbeat:
                 send({"type": "heartbeat"})
+            if b.cut_after and time.monotonic() - started >= b.cut_after:
+                handler.close_connection = True
+                socket.socket.shutdown(handler.connection, socket.SHUT_RDWR)
+                return
             if b.end_after and time.monotonic() - started >= b.end_after:
                 handler.wfile.write(b"0\r\n\r\n")  # a clean end
                 handler.wfile.flush()
@@ -438,6 +445,18 @@ def test_the_token_file_is_read_again_at_each_connection_and_a_clean_end_costs_n
     assert replica.seen[0].token == "projected-token-1"
     assert client.failures == 0
     assert link.value(ERRORS, {"reason": "connection"}) == 0
+
+
+def test_a_stream_cut_between_two_lines_is_a_connection_error_not_an_end(
+    link: Link, replica: Replica
+) -> None:
+    """A replica killed mid-stream closes the connection between two chunks: that is
+    counted as an error (and retried after backoff), not taken for a clean end."""
+    replica.behaviour.cut_after = 0.2
+    client = link.client([replica.port])
+    wait_for(lambda: link.value(ERRORS, {"reason": "connection"}) >= 2, 3)
+    assert content_of(client, "web") == b"at-1"  # kept
+    assert client.last_backoff > 0
 
 
 def test_a_server_certificate_of_another_ca_is_refused_and_the_ca_read_again(

@@ -218,6 +218,44 @@ def test_forged_and_unknown_claims_are_refused_and_counted(files: Files) -> None
     assert files.value("token_refresher_files_refused_pods_total", reason="not_found") == 1
 
 
+def test_a_secret_no_pod_of_the_node_uses_is_never_served(files: Files) -> None:
+    """Node n1 wants Secret apps/wanted, which only a pod of n2 uses: claiming that
+    pod, a pod of its own under another resourceVersion, or a pod of its own that
+    names `wanted` from another namespace gets no byte of it."""
+    kube = files.kube
+    put_token_secret(kube, "tok", "apps", mine_at := access_token("mine"))
+    put_token_secret(kube, "wanted", "apps", wanted := access_token("wanted"))
+    mine = put_pod(kube, "mine", "apps", "n1", inject=APP)
+    theirs = put_pod(kube, "theirs", "apps", "n2", inject=[{**APP[0], "secretName": "wanted"}])
+    # A tenant's pod on n1 naming `wanted`: Secrets are looked up in the pod's namespace.
+    tenant = put_pod(kube, "tenant", "evil", "n1", inject=[{**APP[0], "secretName": "wanted"}])
+    token = injector_token(kube, put_injector(kube, "n1"))
+    stream = files.open(
+        token,
+        [
+            claim(theirs),
+            claim(mine, resourceVersion="1"),  # read again: still its own annotation
+            tenant,
+        ],
+    )
+    snapshot = stream.snapshot()
+    assert [(r["name"], r["reason"]) for r in snapshot["refused"]] == [("theirs", "other_node")]
+    pods = {p["name"]: p for p in snapshot["pods"]}
+    assert _content(pods["mine"]) == mine_at
+    assert [f["secret"] for f in pods["mine"]["files"]] == ["tok"]
+    (file,) = pods["tenant"]["files"]
+    assert (file["content"], file["problem"]["reason"]) == (None, "no_secret")
+    assert "namespace evil" in file["problem"]["message"]
+    # A change of `wanted` is pushed to nobody on n1.
+    put_token_secret(kube, "wanted", "apps", newer := access_token("wanted"))
+    assert {line["type"] for line in stream.lines_for(0.6)} == {"heartbeat"}
+    everything = b"".join(files.received.chunks)
+    for token_value in (wanted, newer):
+        assert token_value.encode() not in everything
+        assert base64.b64encode(token_value.encode()) not in everything
+    assert files.value("token_refresher_files_refused_pods_total", reason="other_node") == 1
+
+
 def test_verified_pods_are_reused_while_their_resource_version_is_claimed(files: Files) -> None:
     kube = files.kube
     put_token_secret(kube, "tok", "apps", access_token("x"))
