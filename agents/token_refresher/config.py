@@ -165,8 +165,11 @@ class ControllerLinkConfig:
     connect_timeout: float = 10.0
     backoff_base: float = 0.5
     """First retry delay after a failure; doubles per failure, with jitter."""
-    backoff_cap: float = 30.0
-    """Longest delay between attempts: a controller back up is found within this."""
+    backoff_cap: float = 10.0
+    """Longest delay between attempts: a controller back up is found within this.
+    Short, since an attempt on a replica that is down costs it nothing (a refused
+    connect); the jitter (half to all of the delay) spreads the reconnects of
+    every node after a restart over about 5 s."""
     debounce: float = 0.2
     """A change of this node's pods waits this long for more before the stream is
     reopened: a burst of pod events costs one reconnection, not one each."""
