@@ -332,7 +332,8 @@ def test_a_snapshot_is_delivered_for_the_claimed_pods(link: Link, replica: Repli
     client = link.client([replica.port])
     wait_for(lambda: content_of(client, "db") == b"at-1")
     assert content_of(client, "web") == b"at-1"
-    assert link.woken.is_set()
+    # The injector is woken after the files are kept and saved to the state file.
+    wait_for(link.woken.is_set)
     (seen,) = replica.seen
     assert seen.token == "projected-token-1"
     assert seen.claims == [c.to_json() for c in sorted(link.claims)]
