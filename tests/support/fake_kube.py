@@ -876,6 +876,9 @@ class ApiCall:
     method: str
     path: str
     query: dict[str, str]
+    # Who sent it (the bearer token's user name; "" when it did not authenticate):
+    # benchmarks count each agent's requests apart.
+    user: str = ""
 
     @property
     def watch(self) -> bool:
@@ -1420,13 +1423,24 @@ class FakeKube:
 
     def _serve(self, handler: _Handler) -> None:
         url = urlsplit(handler.path)
-        call = ApiCall(handler.command, url.path, dict(parse_qsl(url.query)))
+        try:
+            user: rbac.User | ApiError = self._authenticate(handler.headers.get("Authorization"))
+        except ApiError as err:
+            user = err  # answered below, once the call is recorded
+        call = ApiCall(
+            handler.command,
+            url.path,
+            dict(parse_qsl(url.query)),
+            user.name if isinstance(user, rbac.User) else "",
+        )
         length = int(handler.headers.get("Content-Length") or 0)
         raw = handler.rfile.read(length) if length else b""
         with self._hooks:
             self._calls.append(call)
         try:
-            self._authorize(self._authenticate(handler.headers.get("Authorization")), call)
+            if isinstance(user, ApiError):
+                raise user
+            self._authorize(user, call)
             self._injected(call)
             body = json.loads(raw) if raw else None
             if call.watch:

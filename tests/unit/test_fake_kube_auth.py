@@ -494,6 +494,20 @@ def test_only_tokens_for_the_apis_audience_authenticate_to_it(
         assert code == expected, case
 
 
+def test_each_call_records_who_sent_it(kube: FakeKube, tmp_path: Path) -> None:
+    """Benchmarks count each agent's requests apart by their ServiceAccount."""
+    for token in (kube.token, kube.service_account_token(NS, "alice"), "made-up"):
+        api_client = api_for(kube, tmp_path, token)
+        try:
+            client.CoreV1Api(api_client).list_namespaced_pod("default")
+        except ApiException as err:
+            assert err.status == 401
+        finally:
+            api_client.close()
+    users = [c.user for c in kube.calls(path="/api/v1/namespaces/default/pods")]
+    assert users == ["kubernetes-admin", f"system:serviceaccount:{NS}:alice", ""]
+
+
 # -- over HTTP: RBAC ----------------------------------------------------------------------
 
 
