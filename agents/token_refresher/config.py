@@ -84,10 +84,12 @@ class FilesConfig:
     )
     """Labels the caller's pod must carry: a pod that merely borrows the
     ServiceAccount is no injector."""
-    max_pods: int = 256
-    """Claims per request; more is answered 413 (a node runs 110 pods by default)."""
+    max_pods: int = 1024
+    """Claims per request; more is answered 413. Kubernetes runs at most 110 pods
+    a node by default and some distributions allow 500 (`--max-pods`); only the
+    pods that ask for tokens are claimed."""
     max_body_bytes: int = 1 << 20
-    """Request bodies larger than this are refused unread (256 claims take ~150 KB)."""
+    """Request bodies larger than this are refused unread (1024 claims take ~150 KB)."""
     max_streams: int = 10_000
     """Open streams at most (one thread each); beyond, 503: the injector tries
     another replica. 5,000 nodes fit in one replica."""

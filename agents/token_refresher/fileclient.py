@@ -60,8 +60,8 @@ from agents.token_refresher.tls import TlsMaterialError, client_context
 log = logging.getLogger(__name__)
 
 PATH = "/v1/files"
-MAX_CLAIMS = 256
-"""The server refuses more (413): a node runs at most a few hundred pods."""
+MAX_CLAIMS = 1024
+"""The server refuses more (413; FilesConfig.max_pods): beyond any node's pod limit."""
 MAX_LINE = 64 << 20
 """Longest NDJSON line read: 500 files of a few KiB each fit many times."""
 MAX_ERROR_BODY = 64 << 10

@@ -626,3 +626,11 @@ def test_a_mode_letting_others_write_is_refused() -> None:
     pods = [{"uid": "u", "namespace": "ns", "name": "p", "files": [file]}]
     with pytest.raises(ValueError, match="mode"):
         parse_snapshot({"type": "snapshot", "node": NODE, "revision": 1, "pods": pods}, NODE)
+
+
+def test_the_client_claims_no_more_than_the_server_takes() -> None:
+    """More would be a 413 for the whole node: the client sends the first MAX_CLAIMS."""
+    from agents.token_refresher.config import FilesConfig
+    from agents.token_refresher.fileclient import MAX_CLAIMS
+
+    assert MAX_CLAIMS == FilesConfig().max_pods >= 500
