@@ -818,14 +818,6 @@ def _follow(proc: subprocess.Popen[str], observed: Observed) -> None:
 
 # -- the controller ------------------------------------------------------------------------
 
-# The controller's own namespace comes from its ServiceAccount mount: here a
-# file of ours in its place (the only thing changed), so that the injector
-# pods, the TLS Secret and the CA ConfigMap live in node-agents.
-_CONTROLLER = (
-    "import pathlib, sys; from agents.token_refresher import cli; "
-    "cli.SERVICE_ACCOUNT_NAMESPACE = pathlib.Path(sys.argv[1]); sys.exit(cli.main(sys.argv[2:]))"
-)
-
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -1039,7 +1031,6 @@ def _run(sizes: Sizes, push: int, args: argparse.Namespace, work: Path) -> tuple
         "jobs": jobs,
     }
     (work / "plan.json").write_text(json.dumps(plan))
-    (work / "namespace").write_text(AGENTS_NAMESPACE)
     observed = Observed(cluster)
     with contextlib.ExitStack() as stack:
         kube.start()
@@ -1064,10 +1055,12 @@ def _run(sizes: Sizes, push: int, args: argparse.Namespace, work: Path) -> tuple
         controller = subprocess.Popen(
             [
                 sys.executable,
-                "-c",
-                _CONTROLLER,
-                str(work / "namespace"),
+                "-m",
+                "agents.token_refresher",
                 "controller",
+                # Outside a pod no ServiceAccount mount says where it runs.
+                "--own-namespace",
+                AGENTS_NAMESPACE,
                 "--kubeconfig",
                 str(kubeconfig),
                 # Never called: every token is 30 days from expiry.

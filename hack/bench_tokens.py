@@ -79,13 +79,6 @@ UPKEEP = re.compile(
     r"/apis/coordination\.k8s\.io/.*|/apis/authentication\.k8s\.io/.*"
     rf"|/api/v1/namespaces/{AGENTS_NS}/.*|/api/v1/namespaces/[^/]+/configmaps/[^/]+"
 )
-# Outside a pod there is no ServiceAccount mount to read the agents' namespace
-# from: each agent is pointed at a file of ours instead, as kubelet would mount
-# it (the integration tests patch the same constant).
-LAUNCH = (
-    "import sys; from pathlib import Path; from agents.token_refresher import cli; "
-    "cli.SERVICE_ACCOUNT_NAMESPACE = Path(sys.argv.pop(1)); sys.exit(cli.main())"
-)
 
 
 def b64(text: str) -> str:
@@ -265,12 +258,19 @@ def tails_on_failure(*logs: Path, lines: int = 40) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def agent(
-    role: str, *args: str, namespace_file: Path, log: Path
-) -> Iterator[subprocess.Popen[bytes]]:
+def agent(role: str, *args: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    # Outside a pod no ServiceAccount mount says where the agents run.
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-c", LAUNCH, str(namespace_file), role, *args],
+            [
+                sys.executable,
+                "-m",
+                "agents.token_refresher",
+                role,
+                "--own-namespace",
+                AGENTS_NS,
+                *args,
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -330,8 +330,6 @@ def main(argv: list[str] | None = None) -> int:
         kube.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": AGENTS_NS}})
         idp = stack.enter_context(TestIdP(tls=True, lifetime=args.lifetime, workdir=work / "idp"))
         world = stack.enter_context(ContainerWorld(work / "containers"))
-        namespace_file = work / "serviceaccount-namespace"
-        namespace_file.write_text(AGENTS_NS)
 
         started = time.monotonic()
         containers: list[Container] = world.add_many(
@@ -399,7 +397,6 @@ def main(argv: list[str] | None = None) -> int:
                 "bench",
                 "--metrics-address",
                 "off",
-                namespace_file=namespace_file,
                 log=controller_log,
             )
         )
@@ -433,7 +430,6 @@ def main(argv: list[str] | None = None) -> int:
                 str(token_file),
                 "--state-file",
                 str(work / "injector-state" / "files.json"),
-                namespace_file=namespace_file,
                 log=injector_log,
             )
         )

@@ -120,6 +120,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> AgentArgumentParse
         environ=environ,
     )
     add_kube_flags(controller, node_help="unused by the controller")
+    _add_own_namespace(controller)
     controller.add_argument(
         "--token-url",
         default="",
@@ -149,7 +150,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> AgentArgumentParse
         "--lease-namespace",
         default="",
         env="LEASE_NAMESPACE",
-        help="namespace of the Lease (default: the pod's own, else 'default')",
+        help="namespace of the Lease (default: --own-namespace)",
     )
     controller.add_argument(
         "--identity",
@@ -183,6 +184,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> AgentArgumentParse
         environ=environ,
     )
     add_kube_flags(injector, node_help="this node's name: only its pods get files")
+    _add_own_namespace(injector)
     injector.add_argument(
         "--proc-root",
         default="/proc",
@@ -293,6 +295,19 @@ def _add_controller_link_flags(parser: AgentArgumentParser) -> None:
         env="STATE_FILE",
         help="the last files received, rewritten after a container restart while the "
         "controller is unreachable (an emptyDir); empty: none",
+    )
+
+
+def _add_own_namespace(parser: AgentArgumentParser) -> None:
+    # In a pod the ServiceAccount mount says it; by hand on a node (or in a test)
+    # nothing does, and "default" would be the wrong place to look.
+    parser.add_argument(
+        "--own-namespace",
+        default="",
+        env="OWN_NAMESPACE",
+        help="the namespace the token refresher runs in: the controller's TLS Secret, CA "
+        "ConfigMap and Lease, and the injector pods (default: the pod's own, from its "
+        "ServiceAccount mount; outside a pod 'default')",
     )
 
 
@@ -579,7 +594,7 @@ def _controller_config(args: argparse.Namespace) -> ControllerConfig:
         ),
         lease=LeaseConfig(
             name=args.lease_name,
-            namespace=args.lease_namespace or _own_namespace(),
+            namespace=args.lease_namespace or _own_namespace(args),
             identity=args.identity or socket.gethostname(),
             duration=args.lease_duration,
             renew_interval=args.renew_interval,
@@ -598,7 +613,7 @@ def _files_config(args: argparse.Namespace) -> FilesConfig:
         enabled=files_address is not None,
         host=files_address.host if files_address is not None else "",
         port=files_address.port if files_address is not None else 0,
-        namespace=_own_namespace(),
+        namespace=_own_namespace(args),
         audience=args.files_audience,
         tls_secret=args.tls_secret,
         ca_configmap=args.ca_configmap,
@@ -621,8 +636,11 @@ def _check_controller_urls(urls: Sequence[str]) -> None:
             raise ConfigError(f"--controller-url: {err}") from None
 
 
-def _own_namespace() -> str:
-    """The pod's namespace from its service account mount, else "default"."""
+def _own_namespace(args: argparse.Namespace) -> str:
+    """--own-namespace, else the pod's namespace from its service account mount,
+    else "default"."""
+    if args.own_namespace:
+        return str(args.own_namespace)
     try:
         return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or "default"
     except OSError:
@@ -782,7 +800,7 @@ def _injector(
             token_file=args.controller_token_file,
             ca_configmap=args.ca_configmap,
             ca_file=args.ca_file,
-            namespace=_own_namespace(),
+            namespace=_own_namespace(args),
             state_file=args.state_file,
         ),
     )

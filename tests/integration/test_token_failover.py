@@ -38,7 +38,6 @@ from typing import IO
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agents.token_refresher import cli
 from agents.token_refresher.cli import main
 from agents.token_refresher.tls import client_context
 from hack.autofs_world import wait_for
@@ -71,13 +70,6 @@ RECOVERY_BOUND = 10.0
 """Seconds from a replica's recovery to the new token in the file: what the tests
 accept on a loaded 2-core machine (measured well under it: see the printed figures)."""
 
-# The controller as its container runs it, but with the pod's namespace file
-# where the test put it (kubelet mounts it at cli.SERVICE_ACCOUNT_NAMESPACE).
-LAUNCH = (
-    "import sys; from pathlib import Path; from agents.token_refresher import cli; "
-    "cli.SERVICE_ACCOUNT_NAMESPACE = Path(sys.argv[1]); sys.exit(cli.main(sys.argv[2:]))"
-)
-
 
 # -- a controller replica in a process of its own ------------------------------------------
 
@@ -92,7 +84,6 @@ class Replica:
         self.files_port = free_port()
         self.metrics_port = free_port()
         self.log_path = cluster.tmp / f"controller-{identity}.log"
-        self.namespace_file = cluster.tmp / "serviceaccount-namespace"
         self.argv = [
             *cluster.controller_argv(),
             "--identity",
@@ -116,7 +107,7 @@ class Replica:
         assert self.process is None, f"{self.identity} runs already"
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-c", LAUNCH, str(self.namespace_file), *self.argv],
+            [sys.executable, "-m", "agents.token_refresher", *self.argv],
             cwd=REPO,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -373,12 +364,7 @@ def container_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def cluster(
-    container_init: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Cluster]:
-    namespace_file = tmp_path / "serviceaccount-namespace"
-    namespace_file.write_text(AGENTS_NS)
-    monkeypatch.setattr(cli, "SERVICE_ACCOUNT_NAMESPACE", namespace_file)
+def cluster(container_init: Path, tmp_path: Path) -> Iterator[Cluster]:
     with (
         container_world(tmp_path / "containers", container_init) as containers,
         FakeKube(rbac_objects=bundle_rbac()) as kube,

@@ -26,7 +26,7 @@ from tests.support.token_files import (
     put_token_secret,
 )
 
-OWN_NAMESPACE = "default"  # outside a pod, the controller's own namespace
+OWN_NAMESPACE = "node-agents"  # given by --own-namespace: no ServiceAccount mount here
 
 
 def _free_port() -> int:
@@ -35,20 +35,29 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_the_controller_serves_files_over_its_own_tls(kube: FakeKube, tmp_path: Path) -> None:
+def test_the_controller_serves_files_over_its_own_tls(
+    bundle_kube: FakeKube, tmp_path: Path
+) -> None:
+    """As its bundle ServiceAccount, under the bundle's RBAC: nothing it does is refused."""
+    kube = bundle_kube
     port = _free_port()
     argv = [
         "controller",
         "--kubeconfig",
-        str(kube.kubeconfig(tmp_path / "kubeconfig")),
+        str(
+            kube.kubeconfig(
+                tmp_path / "kubeconfig",
+                service_account=f"{OWN_NAMESPACE}/token-refresher-controller",
+            )
+        ),
+        "--own-namespace",
+        OWN_NAMESPACE,
         "--token-url",
         "https://idp.invalid/token",
         "--interval",
         "0.2",
         "--metrics-address",
         "off",
-        "--lease-namespace",
-        OWN_NAMESPACE,
         "--files-address",
         f"127.0.0.1:{port}",
         "--tls-names",

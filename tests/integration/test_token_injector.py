@@ -31,7 +31,6 @@ from typing import Any
 import pytest
 
 import agents.token_refresher.injector as injector_module
-from agents.token_refresher import cli
 from agents.token_refresher.cli import main
 from hack.autofs_world import wait_for
 from hack.containers import Container, ContainerWorld, new_pod_uid
@@ -176,6 +175,9 @@ class Cluster:
             "injector",
             "--kubeconfig",
             str(self.kubeconfig),
+            # In a pod its ServiceAccount mount says where it runs.
+            "--own-namespace",
+            AGENTS_NS,
             "--node-name",
             NODE,
             "--interval",
@@ -236,6 +238,8 @@ class Cluster:
             "controller",
             "--kubeconfig",
             str(kubeconfig),
+            "--own-namespace",
+            AGENTS_NS,
             "--interval",
             "0.3",
             "--metrics-address",
@@ -286,13 +290,7 @@ def container_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def cluster(
-    container_init: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Cluster]:
-    # Both agents find their namespace where kubelet mounts it in their pods.
-    namespace_file = tmp_path / "serviceaccount-namespace"
-    namespace_file.write_text(AGENTS_NS)
-    monkeypatch.setattr(cli, "SERVICE_ACCOUNT_NAMESPACE", namespace_file)
+def cluster(container_init: Path, tmp_path: Path) -> Iterator[Cluster]:
     with (
         container_world(tmp_path / "containers", container_init) as containers,
         FakeKube(rbac_objects=bundle_rbac()) as kube,
