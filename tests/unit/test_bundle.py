@@ -1140,3 +1140,45 @@ def test_containerfile_says_which_agents_need_root() -> None:
         assert agent in comments, f"images/Containerfile does not say what {agent} runs as"
         if policy.run_as_user != 0:
             assert str(policy.run_as_user) in comments
+
+
+# How an overlay moves every agent to another namespace (README, "Deploy
+# everything"): `namespace:` alone leaves the binding subjects and the Namespace
+# object behind (kustomize's default for subjects is `defaultOnly`).
+MOVE_NAMESPACE = """\
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - {all}
+transformers:
+  - |-
+    apiVersion: builtin
+    kind: NamespaceTransformer
+    metadata:
+      name: agents-namespace
+      namespace: {namespace}
+    setRoleBindingSubjects: allServiceAccounts
+patches:
+  - target: {{kind: Namespace, name: node-agents}}
+    patch: |-
+      - op: replace
+        path: /metadata/name
+        value: {namespace}
+"""
+
+
+def test_an_overlay_moves_every_agent_and_its_bindings_to_another_namespace(
+    tmp_path: Path,
+) -> None:
+    rel = Path(os.path.relpath(ALL, tmp_path)).as_posix()
+    (tmp_path / "kustomization.yaml").write_text(
+        MOVE_NAMESPACE.format(all=rel, namespace="science-agents"), encoding="utf-8"
+    )
+    objects = kustomize(tmp_path)
+    namespaces = [o["metadata"]["name"] for o in objects if o["kind"] == "Namespace"]
+    assert namespaces == ["science-agents"]
+    for o in objects:
+        if o["kind"] not in CLUSTER_SCOPED:
+            assert o["metadata"]["namespace"] == "science-agents", (o["kind"], o["metadata"])
+        for subject in o.get("subjects") or []:
+            assert subject["namespace"] == "science-agents", (o["metadata"]["name"], subject)
