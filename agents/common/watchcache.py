@@ -2,7 +2,9 @@
 
 `WatchCache` holds one type (pods, Secrets, ConfigMaps) in all namespaces or
 one, narrowed by field and label selectors and by a `keep` predicate applied
-on arrival (objects it refuses are never stored). `NodePodCache` is the
+on arrival (objects it refuses are never stored); a `transform` may slim each
+object before it is stored (client-go's informer `SetTransform`, used there to
+drop managedFields: what is stored is what stays in memory). `NodePodCache` is the
 kubelet's view in miniature: LIST
 `/api/v1/pods?fieldSelector=spec.nodeName=<node>`, then WATCH from the list's
 resourceVersion with `timeoutSeconds` (the apiserver ends the watch then, so it
@@ -61,6 +63,7 @@ Obj = dict[str, Any]
 Pod = Obj
 OnChange = Callable[[str, Obj], None]
 Keep = Callable[[Obj], bool]
+Transform = Callable[[Obj], Obj]
 
 # Resource -> the CoreV1Api method suffix that lists it.
 _LISTED = {"pods": "pod", "secrets": "secret", "configmaps": "config_map"}
@@ -117,6 +120,10 @@ class WatchCache:
     it). `resource` is "pods", "secrets" or "configmaps"; `namespace` None
     watches every namespace. `keep` decides, per object as it arrives, whether
     it is stored; one that stops being kept is dropped and reported DELETED.
+    `transform` returns what is stored of a kept object (and what `on_change`
+    hears): a new dict, keeping metadata's name, namespace, uid and
+    resourceVersion. `page_size` > 0 LISTs in pages of that many objects
+    (`limit`/`continue`), so that a large LIST is never parsed whole at once.
     Counters `lists`, `watches`, `relists_after_gone` and `errors` only grow;
     agents export them as Prometheus counters (they are the API calls made).
     """
@@ -130,6 +137,8 @@ class WatchCache:
         field_selector: str = "",
         label_selector: str = "",
         keep: Keep | None = None,
+        transform: Transform | None = None,
+        page_size: int = 0,
         timeout_seconds: int = 300,
         request_timeout: float = 30.0,
         backoff_base: float = 0.5,
@@ -149,6 +158,8 @@ class WatchCache:
         self.field_selector = field_selector
         self.label_selector = label_selector
         self.keep = keep
+        self.transform = transform
+        self.page_size = max(0, int(page_size))
         self.timeout_seconds = int(timeout_seconds)
         self.request_timeout = float(request_timeout)
         self.backoff_base = backoff_base
@@ -305,28 +316,43 @@ class WatchCache:
         """LIST and replace the cache with the result."""
         self.lists += 1
         # A LIST with no resourceVersion is a consistent read: never older than
-        # what a previous watch delivered. No paging: a node runs at most a few
-        # hundred pods (kubelet --max-pods, 110 by default), and the other
-        # uses list one namespace or few objects.
-        response = lister(
-            **self._selectors(),
-            _preload_content=False,
-            _request_timeout=(self.request_timeout, self.request_timeout),
-        )
-        try:
-            body = json.loads(response.data)
-        finally:
-            response.release_conn()
+        # what a previous watch delivered. Pages (page_size) are one snapshot:
+        # each `continue` token carries the first page's resourceVersion, and
+        # the last page's metadata.resourceVersion is that snapshot's
+        # (api-concepts, "Retrieving large results sets in chunks"); an
+        # expired token (410) fails this LIST, which is retried whole.
         kind = _KINDS[self.resource]
         objects: dict[str, Obj] = {}
-        for item in body.get("items") or []:
-            # List items carry no apiVersion/kind; watch objects do.
-            item.setdefault("apiVersion", "v1")
-            item.setdefault("kind", kind)
-            uid = (item.get("metadata") or {}).get("uid")
-            if uid and self._kept(item):
-                objects[uid] = item
-        resource_version = str((body.get("metadata") or {}).get("resourceVersion") or "")
+        token = ""
+        while True:
+            paging: dict[str, Any] = {}
+            if self.page_size:
+                paging["limit"] = self.page_size
+            if token:
+                paging["_continue"] = token
+            response = lister(
+                **self._selectors(),
+                **paging,
+                _preload_content=False,
+                _request_timeout=(self.request_timeout, self.request_timeout),
+            )
+            try:
+                body = json.loads(response.data)
+            finally:
+                response.release_conn()
+            for item in body.get("items") or []:
+                # List items carry no apiVersion/kind; watch objects do.
+                item.setdefault("apiVersion", "v1")
+                item.setdefault("kind", kind)
+                uid = (item.get("metadata") or {}).get("uid")
+                if uid and self._kept(item):
+                    objects[uid] = self._stored(item)
+            meta = body.get("metadata") or {}
+            token = str(meta.get("continue") or "") if self.page_size else ""
+            if not token:
+                break
+            del body  # the parsed page: only what is stored stays
+        resource_version = str(meta.get("resourceVersion") or "")
         with self._lock:
             old, self._objects = self._objects, objects
             self._names = {_name_of(obj): uid for uid, obj in objects.items()}
@@ -356,6 +382,16 @@ class WatchCache:
         except Exception:
             log.exception("watch of %s: keep() failed; not storing the object", self.what)
             return False
+
+    def _stored(self, obj: Obj) -> Obj:
+        """What is kept of an object (`transform`); the object itself if that fails."""
+        if self.transform is None:
+            return obj
+        try:
+            return self.transform(obj)
+        except Exception:
+            log.exception("watch of %s: transform() failed; storing the object whole", self.what)
+            return obj
 
     def _watch_once(self, lister: Any) -> bool:
         """One WATCH from the current resourceVersion until the server ends it.
@@ -414,6 +450,7 @@ class WatchCache:
         uid = meta.get("uid")
         if type_ in ("ADDED", "MODIFIED") and uid and not self._kept(obj):
             type_ = "DELETED"  # no longer ours: drop it as if deleted
+        obj = self._stored(obj)
         with self._lock:
             if resource_version:
                 self._resource_version = str(resource_version)

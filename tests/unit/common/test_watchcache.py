@@ -325,3 +325,47 @@ def test_importing_watchcache_does_not_import_kubernetes() -> None:
         "assert 'kubernetes' not in sys.modules, sorted(m for m in sys.modules if 'kube' in m)\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+# -- what is stored ----------------------------------------------------------------------
+
+
+def slim(obj: Pod) -> Pod:
+    meta = obj["metadata"]
+    return {
+        "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion")},
+        "labels": meta.get("labels") or {},
+    }
+
+
+def test_a_transform_slims_what_is_stored_and_heard(
+    kube: FakeKube, make_cache: Callable[..., NodePodCache]
+) -> None:
+    heard: list[Pod] = []
+    kube.put(pod("a-0", team="x"))
+    cache = make_cache(transform=slim, on_change=lambda type_, obj: heard.append(obj))
+    assert cache.wait_synced(5)
+    kube.put(pod("a-1", team="y"))
+    wait_for(lambda: len(cache.pods()) == 2, 5)
+    assert sorted(cache.pods(), key=lambda p: p["metadata"]["name"]) == sorted(heard, key=str)
+    assert {p["labels"]["team"] for p in cache.pods()} == {"x", "y"}
+    assert all("spec" not in p for p in cache.pods())
+    # named() still finds them: the transform kept name and namespace.
+    assert cache.named(NS, "a-1") == slim(kube.get("pods", NS, "a-1") or {})
+
+
+def test_a_list_in_pages_is_one_snapshot_of_every_page(
+    kube: FakeKube, make_cache: Callable[..., NodePodCache], changes: Changes
+) -> None:
+    for i in range(7):
+        kube.put(pod(f"a-{i}"))
+    cache = make_cache(page_size=3)
+    assert cache.wait_synced(5)
+    assert names(cache) == {f"a-{i}" for i in range(7)}
+    pages = kube.calls(*LIST, watch=False)
+    assert [c.query.get("limit") for c in pages] == ["3", "3", "3"]
+    assert [bool(c.query.get("continue")) for c in pages] == [False, True, True]
+    # The watch resumes from the list's resourceVersion: an update is an event, no relist.
+    kube.put(pod("a-7"))
+    wait_for(lambda: "a-7" in names(cache), 5)
+    assert cache.lists == 1
