@@ -59,7 +59,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -476,42 +476,6 @@ def _objects(cluster: Cluster, rng: random.Random) -> Iterator[JSON]:
         yield _pod(
             namespace, f"batch-{i:06d}", _uid(rng), spec(node, "default"), app_labels[namespace]
         )
-
-
-def bulk_load(kube: FakeKube, objects: Iterable[JSON]) -> int:
-    """Store objects as they are, one resourceVersion each: no copy, no watch event.
-
-    `FakeKube.put` copies every object four times and records an event: 150,000
-    pods would take ~15 s and ~300 MB. The objects share sub-objects (the store
-    never changes a stored object in place: reads and writes copy). The watch
-    history counts as compacted past the load: a watch from before it gets 410
-    and relists, as after an etcd compaction. Returns how many were stored.
-    """
-    from tests.support.fake_kube import find_resource
-
-    plurals = {
-        "Namespace": "namespaces",
-        "Node": "nodes",
-        "Pod": "pods",
-        "Secret": "secrets",
-        "ConfigMap": "configmaps",
-    }
-    resources = {kind: find_resource(plural) for kind, plural in plurals.items()}
-    store = kube.store
-    count = 0
-    with store.cond:
-        buckets = store._objects  # no public bulk write in the fake: its store directly
-        for obj in objects:
-            res = resources[obj["kind"]]
-            meta = obj["metadata"]
-            store.rv += 1
-            meta["resourceVersion"] = str(store.rv)
-            meta.setdefault("uid", str(uuid.uuid4()))
-            meta.setdefault("creationTimestamp", CREATED)
-            buckets[res][(meta.get("namespace", ""), meta["name"])] = obj
-            count += 1
-        store.compacted = store.forgotten = store.rv
-    return count
 
 
 def _status_kib(name: str, pid: int | str = "self") -> int:
@@ -983,11 +947,6 @@ class BenchError(Exception):
 def _run(sizes: Sizes, push: int, args: argparse.Namespace, work: Path) -> tuple[JSON, list[str]]:
     from tests.support import fake_kube
 
-    # The fake's HTTP server listens with socketserver's backlog of 5: a burst
-    # of the controller's API requests would lose SYNs there (1 s each), which
-    # is no property of the controller. The apiserver's Go listener uses
-    # somaxconn.
-    fake_kube._Server.request_queue_size = socket.SOMAXCONN
     results: JSON = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, kernel {platform.release()}",
         "python": platform.python_version(),
@@ -996,13 +955,19 @@ def _run(sizes: Sizes, push: int, args: argparse.Namespace, work: Path) -> tuple
         "concurrency": args.concurrency,
     }
     failures: list[str] = []
-    kube = fake_kube.FakeKube()
+    # socketserver's backlog of 5 would lose SYNs of a burst of the controller's
+    # API requests (1 s each): no property of the controller. The apiserver's
+    # Go listener uses somaxconn.
+    kube = fake_kube.FakeKube(backlog=socket.SOMAXCONN)
     if not hasattr(kube, "service_account_token"):
         raise BenchError("the fake API issues no ServiceAccount tokens yet (issue10-fakeapi)")
     rss = _status_kib("VmRSS")
     started = time.monotonic()
     cluster, objects = synthetic_cluster(sizes, time.time())
-    stored = bulk_load(kube, objects)
+    # FakeKube.put copies every object four times and records an event: 150,000
+    # pods would take ~15 s and ~300 MB. load() stores them as they are (they
+    # share sub-objects) and compacts the history past them.
+    stored = kube.load(objects)
     served = sorted(cluster.by_node)
     results["cluster"] = {
         "objects": stored,

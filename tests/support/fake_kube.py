@@ -738,13 +738,36 @@ class Store:
 
     def select(self, res: Resource, where: Filter | None = None) -> list[JSON]:
         """Matching objects sorted by namespace and name, as etcd returns keys."""
+        return self.page(res, where)[0]
+
+    def page(
+        self, res: Resource, where: Filter | None = None, start: int = 0, limit: int = 0
+    ) -> tuple[list[JSON], int]:
+        """Matching objects `start` to `start + limit` (0: all), copied, and how many match."""
         with self.cond:
             bucket = self._objects[res]
-            return [
-                copy.deepcopy(bucket[key])
-                for key in sorted(bucket)
-                if where is None or where.matches(bucket[key])
-            ]
+            keys = [key for key in sorted(bucket) if where is None or where.matches(bucket[key])]
+            end = start + limit if limit > 0 else len(keys)
+            return [copy.deepcopy(bucket[key]) for key in keys[start:end]], len(keys)
+
+    def load(self, objects: Iterable[tuple[Resource, JSON]]) -> int:
+        """Store objects as they are (no copy, no event); the history counts as compacted."""
+        count = 0
+        with self.cond:
+            for res, obj in objects:
+                meta = obj["metadata"]
+                self.rv += 1
+                meta["resourceVersion"] = str(self.rv)
+                meta.setdefault("uid", str(uuid.uuid4()))
+                meta.setdefault("creationTimestamp", _now())
+                namespace = meta.get("namespace", "") if res.namespaced else ""
+                self._objects[res][(namespace, meta["name"])] = obj
+                count += 1
+            # No event was recorded for these versions: a watch from before them
+            # must relist (410), as after an etcd compaction.
+            self.compacted = self.forgotten = self.rv
+            self.cond.notify_all()
+        return count
 
     def check_watchable(self, rv: int) -> None:
         """ApiError 410 for a new watch from a compacted resourceVersion."""
@@ -1022,10 +1045,12 @@ class _Server(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, kube: FakeKube, port: int = 0) -> None:
+    def __init__(self, kube: FakeKube, port: int = 0, backlog: int | None = None) -> None:
         self.kube = kube
         self.open_connections: set[socket.socket] = set()
         self._lock = threading.Lock()
+        if backlog is not None:
+            self.request_queue_size = backlog  # read by server_activate(): listen(backlog)
         super().__init__(("127.0.0.1", port), _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -1068,14 +1093,20 @@ class FakeKube:
         history: int = 1000,
         rbac_objects: Iterable[JSON] | None = None,
         node_info: bool = True,
+        backlog: int | None = None,
     ) -> None:
         """`token` is the admin's (system:masters); `rbac_objects`: see `enforce_rbac`.
 
         `node_info` False models a cluster without the ServiceAccountTokenPodNodeInfo
         feature (before Kubernetes 1.30): pod-bound tokens carry no node extras.
+        `backlog`: the listening socket's accept queue (socketserver's default is
+        5); benchmarks that send bursts of requests pass `socket.SOMAXCONN`, as
+        the apiserver's Go listener uses somaxconn: a full queue costs each
+        refused SYN a 1 s retransmission, which is no property of the client.
         """
         self.token = token
         self.node_info = node_info
+        self.backlog = backlog
         self._tokens: dict[str, IssuedToken] = {}
         self._enforcing = False
         self._denials: list[rbac.Denial] = []
@@ -1102,7 +1133,7 @@ class FakeKube:
         """Serve on `port` (0: any free one); after `close()`, the old `port` brings
         the same server back (an API server outage), its store intact."""
         self._closing.clear()
-        self._server = _Server(self, port)
+        self._server = _Server(self, port, self.backlog)
         self._thread = threading.Thread(
             target=self._server.serve_forever, args=(0.05,), name="fake-kube", daemon=True
         )
@@ -1218,6 +1249,21 @@ class FakeKube:
     def compact(self) -> str:
         """Compact the history to now: watches from an older resourceVersion get 410."""
         return str(self.store.compact())
+
+    def load(self, objects: Iterable[JSON]) -> int:
+        """Bulk-load objects straight into the store, for benchmarks and large fixtures.
+
+        Unlike `put`: no copy, no defaults, no validation, no watch event. Each
+        object gets the next resourceVersion (and a uid and creationTimestamp if
+        it has none) and is stored as given, so objects may share sub-objects
+        (the store never changes a stored object in place: reads and writes
+        copy). The caller must not change them afterwards. The watch history
+        counts as compacted past the load: a watch from before it gets 410 and
+        relists, as after an etcd compaction. Objects need `apiVersion`, `kind`
+        and `metadata.name` (and `metadata.namespace` for namespaced kinds).
+        Returns how many were stored.
+        """
+        return self.store.load((_resource_of(obj), obj) for obj in objects)
 
     # -- ServiceAccount tokens and RBAC
 
@@ -1563,20 +1609,22 @@ class FakeKube:
     def _list(self, route: _Route, call: ApiCall) -> JSON:
         """LIST with selectors and `limit`/`continue` paging (no snapshot: current state)."""
         where = self._filter(route, call)
-        with self.store.cond:
-            items, rv = self.store.select(route.resource, where), self.store.rv
         start = 0
         if token := call.query.get("continue"):
             try:
                 start = int(base64.urlsafe_b64decode(token.encode()).decode())
             except ValueError as err:
                 raise ApiError(400, f"invalid continue token {token!r}") from err
-        meta: JSON = {"resourceVersion": str(rv)}
         limit = int(call.query.get("limit") or 0)
-        end = start + limit if limit > 0 else len(items)
-        if end < len(items):
+        with self.store.cond:
+            # Only the page is copied: a LIST in pages of a large set stays cheap.
+            items, total = self.store.page(route.resource, where, start, limit)
+            rv = self.store.rv
+        meta: JSON = {"resourceVersion": str(rv)}
+        end = start + len(items)
+        if end < total:
             meta["continue"] = base64.urlsafe_b64encode(str(end).encode()).decode()
-            meta["remainingItemCount"] = len(items) - end
+            meta["remainingItemCount"] = total - end
         for item in items:
             # List items carry no apiVersion/kind on the wire.
             item.pop("apiVersion", None)
@@ -1585,7 +1633,7 @@ class FakeKube:
             "apiVersion": route.resource.api_version,
             "kind": route.resource.list_kind,
             "metadata": meta,
-            "items": items[start:end],
+            "items": items,
         }
 
     def _decode(self, route: _Route, body: Any) -> JSON:

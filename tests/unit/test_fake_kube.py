@@ -486,6 +486,32 @@ def test_watch_from_a_compacted_resource_version_is_410(kube: FakeKube, v1: Any)
     assert [e["type"] for e in events] == ["DELETED"]
 
 
+def test_load_stores_objects_as_given_with_versions_and_no_events(kube: FakeKube, v1: Any) -> None:
+    before = kube.resource_version
+    shared = {"containers": [{"name": "main", "image": "busybox"}], "nodeName": "n1"}
+    objects = [
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"p{i}", "namespace": NS}}
+        | {"spec": shared}
+        for i in range(3)
+    ]
+    assert kube.load(iter(objects)) == 3
+    versions = [int(o["metadata"]["resourceVersion"]) for o in objects]
+    assert versions == [int(before) + 1, int(before) + 2, int(before) + 3]
+    assert kube.resource_version == str(versions[-1])
+    listed = v1.list_namespaced_pod(NS, field_selector="spec.nodeName=n1")
+    assert [p.metadata.name for p in listed.items] == ["p0", "p1", "p2"]
+    assert all(p.metadata.uid for p in listed.items)
+    # No watch event: a watch from before the load must relist (410); one from
+    # after it sees the later changes only.
+    with pytest.raises(ApiException) as err:
+        list(Watch().stream(v1.list_namespaced_pod, NS, resource_version=before, timeout_seconds=1))
+    assert err.value.status == 410
+    after = kube.resource_version
+    kube.delete("pods", NS, "p1")
+    events = Watch().stream(v1.list_namespaced_pod, NS, resource_version=after, timeout_seconds=1)
+    assert [(e["type"], e["object"].metadata.name) for e in events] == [("DELETED", "p1")]
+
+
 def test_an_open_watch_survives_compaction(kube: FakeKube, v1: Any) -> None:
     since = kube.resource_version
 
