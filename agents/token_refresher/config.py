@@ -100,14 +100,18 @@ class FilesConfig:
     """A stream ends after this (±10 % jitter): its token is reviewed again at
     the reconnection, and the injectors spread over the replicas."""
     recheck: float = 30.0
-    """An open stream re-checks its caller this often (review cache, fresh pod
-    read): an injector pod that is gone loses its stream within this time."""
-    review_ttl: float = 60.0
-    """A TokenReview answer is reused this long at most (never past the token's expiry)."""
+    """An open stream re-checks its caller this often: its token once the review
+    cached for it lapsed (its pod comes from the watch, whose changes re-check
+    the pod's streams at once)."""
+    review_ttl: float = 300.0
+    """A TokenReview answer is reused this long at most (never past the token's
+    expiry). The injector pod watch sees a deleted pod, which is what invalidates
+    a pod-bound token; what is left to the review is rarer (nodeauth.py)."""
     max_reviews: int = 10_000
     """Cached TokenReview answers at most (two per node while tokens rotate)."""
     pod_check_ttl: float = 30.0
-    """An injector pod's check is reused this long when a stream opens."""
+    """An injector pod read with a GET (not in the watch yet, or the watch not
+    listed yet) is reused this long when a stream opens."""
     max_verified_pods: int = 20_000
     """Claimed pods remembered (LRU), reused while the claimed resourceVersion
     is the one read: a reconnection costs no GET for pods that did not change."""

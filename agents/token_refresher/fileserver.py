@@ -23,6 +23,12 @@ its pods use; the Secret watch's `on_change` and a changed template mark
 exactly those streams, which render again and send only if their snapshot
 changed. Each stream has a thread of its own and every write a timeout, so a
 slow injector holds nobody else's stream.
+
+An open stream's caller is re-checked when the injector pod watch
+(nodeauth.py) reports a change of its pod, at once: a deleted, relabelled,
+finished or terminating injector pod loses its streams within a second. The
+periodic re-check (every `recheck` s) is left with the token: it costs a
+TokenReview only once the cached review has lapsed.
 """
 
 from __future__ import annotations
@@ -414,6 +420,8 @@ class _Stream:
     pods: list[VerifiedPod]
     refused: list[Refusal]
     dirty: threading.Event = field(default_factory=threading.Event)
+    caller_changed: threading.Event = field(default_factory=threading.Event)
+    """The watch saw the caller's pod change: re-check it before anything else."""
     secrets: set[Key] = field(default_factory=set)
     templates: set[Key] = field(default_factory=set)
     revision: int = 0
@@ -537,6 +545,7 @@ class FileServer:
         server_class = _IPv6Server if ":" in config.host else _Server
         self._server = server_class((config.host, config.port), _handler(self))
         self._server.files = self
+        authenticator.add_listener(self.injector_changed)
         self._threads = [
             threading.Thread(
                 target=self._server.serve_forever, args=(0.1,), name="files-http", daemon=True
@@ -549,6 +558,7 @@ class FileServer:
         return int(self._server.server_address[1])
 
     def start(self) -> FileServer:
+        self.authenticator.start()
         for thread in self._threads:
             thread.start()
         log.info(
@@ -569,6 +579,7 @@ class FileServer:
         for thread in self._threads:
             thread.join(5)
         self.verifier.close()
+        self.authenticator.close()
 
     @property
     def streams(self) -> int:
@@ -585,6 +596,15 @@ class FileServer:
         with self._lock:
             streams = list(self._by_secret.get(key, ()))
         for stream in streams:
+            stream.dirty.set()
+
+    def injector_changed(self, type_: str, pod: dict[str, Any]) -> None:
+        """The injector pod watch's listener: re-check that pod's open streams now."""
+        uid = (pod.get("metadata") or {}).get("uid")
+        with self._lock:
+            streams = [s for s in self._streams if s.caller.pod_uid == uid]
+        for stream in streams:
+            stream.caller_changed.set()
             stream.dirty.set()
 
     def _refresh_templates(self) -> None:
@@ -707,6 +727,10 @@ class FileServer:
                 stream.dirty.clear()
                 if self._stopping.is_set():
                     break
+                if stream.caller_changed.is_set():
+                    stream.caller_changed.clear()
+                    if not self._recheck(stream):
+                        break
                 if self._send_snapshot(handler, stream):
                     last_sent = time.monotonic()
             now = time.monotonic()
@@ -722,7 +746,7 @@ class FileServer:
         _chunk(handler, b"")  # the last chunk: a clean end, the injector reconnects at once
 
     def _recheck(self, stream: _Stream) -> bool:
-        """Whether the caller may keep its stream (its pod read afresh)."""
+        """Whether the caller may keep its stream (a pod the watch does not hold is read again)."""
         try:
             self.authenticator.authenticate(stream.token, fresh_pod=True)
         except AuthUnavailable as err:
@@ -870,8 +894,10 @@ class FileService:
         keeper: TlsKeeper,
         tls_interval: float = 3600.0,
         tls_retry: float = 60.0,
+        sync_wait: float = 30.0,
     ) -> None:
         self.api_client = api_client
+        self.sync_wait = sync_wait
         self.config = config
         self.namespace = namespace
         self.secrets = secrets
@@ -922,6 +948,19 @@ class FileService:
             log.error("cannot serve token files on port %d: %s", self.config.port, err)
             return
         self.server = server.start()
+        # Ready once the injector pods are listed, so that the injectors that come
+        # then cost no GET each; not forever: without the watch, GETs still serve.
+        deadline = time.monotonic() + self.sync_wait
+        while not stop.is_set() and time.monotonic() < deadline:
+            if server.authenticator.wait_synced(0.2):
+                break
+        else:
+            if not stop.is_set():
+                log.warning(
+                    "the injector pods are not listed after %.0fs: serving, with a GET "
+                    "of each caller's pod",
+                    self.sync_wait,
+                )
         self.serving.set()
         try:
             self.keeper.maintain(

@@ -7,14 +7,46 @@ a TokenReview (`POST /apis/authentication.k8s.io/v1/tokenreviews`, with
 API server) says whether it is valid and whose it is. A pod-bound token
 carries the pod in the user's extras (`authentication.kubernetes.io/pod-name`,
 `pod-uid`, and since Kubernetes 1.30 `node-name`: KEP-4193); that pod is then
-read and must be an injector pod (its UID, labels, ServiceAccount, not
-finished), and its `spec.nodeName` is the caller's node.
+checked and must be an injector pod (its UID, labels, ServiceAccount, not
+finished, not being deleted), and its `spec.nodeName` is the caller's node.
 
-Caches, both bounded: a review by sha256(token) for min(60 s, the time left
-until the token expires; the `exp` claim, read unverified and only to shorten
-that), at most 10,000 entries; the injector pod check for 30 s. An API error
-is not an answer: the caller gets 503 and nothing is cached. Error messages
-never contain the token.
+The injector pods: one label-selected WatchCache (`--injector-selector`) of
+the pods in the controller's own namespace, so one object per node, never
+the cluster's pods, slimmed to what the check reads. A caller whose pod is in
+the synced cache costs no API request. A pod not there (just created, the
+watch has not delivered it yet; or a UID the cache does not know) is read with
+one GET, as is every pod while the cache is not synced; a GET's answer is
+reused for 30 s (`pod_ttl`). Every change the watch sees of an injector pod
+(deleted, relabelled out of the selector, finished, given a
+deletionTimestamp) is passed to the listeners (`add_listener`: the file
+server re-checks that pod's open streams at once) instead of waiting for a
+periodic re-read.
+
+A pod with a deletionTimestamp is refused at once. The API server keeps its
+token valid until a minute after that timestamp (pkg/serviceaccount/claims.go,
+`invalidIfDeletedBefore`), which for a pod is the end of its grace period: a
+terminating injector needs no new files (its replacement gets its own
+stream), and a compromised node's kubelet can keep a deleted pod Terminating
+for as long as it likes.
+
+Reviews: cached by sha256(token) for min(`review_ttl`, the time left until the
+token expires; the `exp` claim, read unverified and only to shorten that), at
+most 10,000 entries. The TTL is 300 s, not the 60 s it was while each open
+stream re-read its pod every 30 s: what a review adds to the pod check is
+what the watch cannot see, and for a pod-bound token that is little. The API
+server invalidates such a token when its pod is deleted (or its UID
+changes), which the watch now shows within a second; when it expires, which
+`exp` already bounds; and otherwise only when its ServiceAccount is deleted
+or recreated, or the signing key is retired: operator actions in the
+controller's own namespace, not what a compromised node can do or undo. The
+TTL bounds those, and the case where the watch fails but the API still
+answers (then a deleted pod shows up at the next review: the API server
+rejects its token). 300 s is the stream lifetime (a stream is reviewed about
+once in its life); kubelet caches webhook TokenReviews for 2 min by default.
+At 5,000 nodes that is ~17 reviews/s instead of ~83.
+
+An API error is not an answer: the caller gets 503 and nothing is cached.
+Error messages never contain the token.
 """
 
 from __future__ import annotations
@@ -32,6 +64,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agents.common.watchcache import WatchCache
 from agents.token_refresher.metrics import FilesMetrics
 
 log = logging.getLogger(__name__)
@@ -45,6 +78,35 @@ POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
 NOT_FOUND = 404
 _DONE_PHASES = ("Succeeded", "Failed")
+# Injector pods listed per page: a LIST of 5,000 DaemonSet pods (~20 MB of
+# JSON) is never parsed whole.
+INJECTOR_PAGE = 500
+
+PodChange = Callable[[str, dict[str, Any]], None]
+"""A listener: (ADDED / MODIFIED / DELETED, the slimmed injector pod)."""
+
+
+def slim_injector_pod(pod: dict[str, Any]) -> dict[str, Any]:
+    """What the injector pod check reads of a pod; the rest (managedFields,
+    containers, status conditions) is dropped before the cache stores it."""
+    meta = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    return {
+        "metadata": {
+            key: meta[key]
+            for key in (
+                "name",
+                "namespace",
+                "uid",
+                "resourceVersion",
+                "labels",
+                "deletionTimestamp",
+            )
+            if key in meta
+        },
+        "spec": {key: spec[key] for key in ("nodeName", "serviceAccountName") if key in spec},
+        "status": {"phase": (pod.get("status") or {}).get("phase")},
+    }
 
 
 class AuthError(Exception):
@@ -194,7 +256,9 @@ class NodeAuthenticator:
     """Turns a bearer token into a `Caller`, or raises an `AuthError`. Thread-safe.
 
     `api_client` is a `kubernetes.client.ApiClient`; `namespace` is the
-    controller's own, where the injector pods run.
+    controller's own, where the injector pods run. `start()` starts the
+    injector pod watch (until then, and until it has listed, pods are read
+    with GETs); `close()` stops it.
     """
 
     def __init__(
@@ -206,11 +270,12 @@ class NodeAuthenticator:
         audience: str = AUDIENCE,
         service_account: str = INJECTOR_SERVICE_ACCOUNT,
         selector: str = INJECTOR_SELECTOR,
-        review_ttl: float = 60.0,
+        review_ttl: float = 300.0,
         pod_ttl: float = 30.0,
         max_reviews: int = 10_000,
         request_timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
+        watch_timeout: int = 300,
     ) -> None:
         from kubernetes import client
 
@@ -234,6 +299,51 @@ class NodeAuthenticator:
         # (pod name, uid) -> (its node or the refusal, until when); one entry per
         # injector pod: bounded by the number of nodes.
         self._pods: dict[tuple[str, str], tuple[str | Forbidden, float]] = {}
+        self._listeners: list[PodChange] = []
+        self.pods = WatchCache(
+            api_client,
+            "pods",
+            namespace=namespace,
+            # The API server filters: only the injector pods are sent, whatever
+            # else runs in this namespace.
+            label_selector=selector,
+            transform=slim_injector_pod,
+            page_size=INJECTOR_PAGE,
+            timeout_seconds=watch_timeout,
+            request_timeout=request_timeout,
+            on_change=self._pod_changed,
+        )
+        """The injector pods, as the watch has them."""
+        self.pod_reads = 0
+        """Injector pod GETs made so far (pods the watch could not answer for)."""
+
+    # -- life cycle
+
+    def start(self) -> NodeAuthenticator:
+        self.pods.start()
+        return self
+
+    def close(self) -> None:
+        self.pods.stop()
+
+    def wait_synced(self, timeout: float | None = None) -> bool:
+        """Whether the injector pods were listed (within `timeout` seconds)."""
+        return self.pods.wait_synced(timeout)
+
+    def add_listener(self, listener: PodChange) -> None:
+        """Call `listener` (in the watch's thread) whenever an injector pod changes."""
+        self._listeners.append(listener)
+
+    def _pod_changed(self, type_: str, pod: dict[str, Any]) -> None:
+        meta = pod.get("metadata") or {}
+        with self._lock:
+            # A GET's answer about this pod is now older than what the watch says.
+            self._pods.pop((str(meta.get("name") or ""), str(meta.get("uid") or "")), None)
+        for listener in self._listeners:
+            try:
+                listener(type_, pod)
+            except Exception:
+                log.exception("injector pod listener failed on %s", type_)
 
     @property
     def cached_reviews(self) -> int:
@@ -241,7 +351,8 @@ class NodeAuthenticator:
             return len(self._reviews)
 
     def authenticate(self, token: str, *, fresh_pod: bool = False) -> Caller:
-        """The injector behind `token`; `fresh_pod` reads its pod again (a stream's re-check)."""
+        """The injector behind `token`. `fresh_pod` (a stream's re-check): a pod the
+        synced watch does not hold is read again rather than taken from an earlier GET."""
         if not token:
             raise Unauthenticated("no_token", "no bearer token")
         identity, expires_at = self._review(token)
@@ -325,19 +436,11 @@ class NodeAuthenticator:
     # -- the injector pod
 
     def _check_pod(self, identity: _Identity, *, fresh: bool) -> str:
-        key = (identity.pod_name, identity.pod_uid)
-        now = self._clock()
-        with self._lock:
-            cached = self._pods.get(key)
-            # Expired entries of pods no token names any more would pile up.
-            if len(self._pods) > 4 * self._max_reviews:
-                self._pods = {k: v for k, v in self._pods.items() if v[1] > now}
-        if cached is not None and cached[1] > now and not fresh:
-            answer = cached[0]
+        watched = self.pods.named(self.namespace, identity.pod_name) if self.pods.synced else None
+        if watched is not None and (watched.get("metadata") or {}).get("uid") == identity.pod_uid:
+            answer = self._judge(identity, watched)
         else:
-            answer = self._read_pod(identity)
-            with self._lock:
-                self._pods[key] = (answer, now + self._pod_ttl)
+            answer = self._checked_by_get(identity, fresh=fresh)
         if isinstance(answer, Forbidden):
             raise answer
         if identity.node and identity.node != answer:
@@ -347,8 +450,26 @@ class NodeAuthenticator:
             )
         return answer
 
+    def _checked_by_get(self, identity: _Identity, *, fresh: bool) -> str | Forbidden:
+        """The pod as a GET reads it (a consistent read), or an answer of the last `pod_ttl` s."""
+        key = (identity.pod_name, identity.pod_uid)
+        now = self._clock()
+        with self._lock:
+            cached = self._pods.get(key)
+            # Expired entries of pods no token names any more would pile up.
+            if len(self._pods) > 4 * self._max_reviews:
+                self._pods = {k: v for k, v in self._pods.items() if v[1] > now}
+        if cached is not None and cached[1] > now and not fresh:
+            return cached[0]
+        answer = self._read_pod(identity)
+        with self._lock:
+            self._pods[key] = (answer, now + self._pod_ttl)
+        return answer
+
     def _read_pod(self, identity: _Identity) -> str | Forbidden:
         where = f"pod {self.namespace}/{identity.pod_name}"
+        with self._lock:
+            self.pod_reads += 1
         try:
             response = self._core.read_namespaced_pod(
                 identity.pod_name,
@@ -362,6 +483,11 @@ class NodeAuthenticator:
                 return Forbidden("pod_gone", f"{where} does not exist")
             log.warning("cannot read injector %s: %s", where, _short(err))
             raise AuthUnavailable("pod_read_failed", f"{where} could not be read") from None
+        return self._judge(identity, pod)
+
+    def _judge(self, identity: _Identity, pod: dict[str, Any]) -> str | Forbidden:
+        """The node of `pod` if it is the live injector pod the token names, else why not."""
+        where = f"pod {self.namespace}/{identity.pod_name}"
         meta = pod.get("metadata") or {}
         spec = pod.get("spec") or {}
         if meta.get("uid") != identity.pod_uid:
@@ -376,6 +502,8 @@ class NodeAuthenticator:
             )
         if (pod.get("status") or {}).get("phase") in _DONE_PHASES:
             return Forbidden("pod_finished", f"{where} has finished")
+        if meta.get("deletionTimestamp"):
+            return Forbidden("pod_deleted", f"{where} is being deleted")
         node = spec.get("nodeName") or ""
         if not node:
             return Forbidden("no_node", f"{where} is not bound to a node")

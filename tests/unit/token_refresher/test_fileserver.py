@@ -322,19 +322,110 @@ def test_callers_that_are_no_injector_are_refused_and_counted(
         assert files.value(reviewed, outcome="authenticated") == (0 if rejected else 1)
 
 
-def test_an_open_stream_of_a_deleted_injector_pod_ends_within_the_recheck(files: Files) -> None:
-    kube = files.kube
-    put_token_secret(kube, "tok", "apps", access_token("x"))
-    mine = put_pod(kube, "mine", "apps", "n1", inject=APP)
-    injector = put_injector(kube, "n1")
-    stream = files.open(injector_token(kube, injector), [mine])
-    stream.snapshot()
-    kube.delete("pods", CONTROLLER_NS, injector["metadata"]["name"])
+INJECTOR_PODS = f"/api/v1/namespaces/{CONTROLLER_NS}/pods"
+# Re-checks as in production: a stream that ends within a second was ended by
+# the injector pod watch, not by its periodic re-check.
+SLOW_RECHECK = replace(FAST, recheck=30.0, pod_check_ttl=30.0)
+
+
+def _watched(files: Files, pod: dict[str, Any]) -> None:
+    """Wait until the file server's injector pod watch holds `pod` as it is now."""
+    auth = files.server.authenticator
+    assert auth.wait_synced(5)
+    meta = pod["metadata"]
+
+    def held() -> bool:
+        found = auth.pods.named(CONTROLLER_NS, meta["name"])
+        return (
+            found is not None and found["metadata"]["resourceVersion"] == (meta["resourceVersion"])
+        )
+
+    wait_for(held, 5)
+
+
+def _ends_within(stream: FilesStream, seconds: float) -> None:
     started = time.monotonic()
     while stream.line() is not None:
         pass
-    assert time.monotonic() - started < FAST.recheck + 0.5
-    wait_for(lambda: files.value("token_refresher_files_streams") == 0, 2)
+    assert time.monotonic() - started < seconds
+
+
+@pytest.mark.parametrize("change", ["deleted", "relabelled"])
+def test_an_open_stream_ends_within_a_second_when_its_injector_pod_goes(
+    kube: FakeKube, api: Any, tmp_path: Path, change: str
+) -> None:
+    gen = _files(kube, api, tmp_path, SLOW_RECHECK)
+    files = next(gen)
+    try:
+        put_token_secret(kube, "tok", "apps", access_token("x"))
+        mine = put_pod(kube, "mine", "apps", "n1", inject=APP)
+        injector = put_injector(kube, "n1")
+        _watched(files, injector)
+        other = put_injector(kube, "n2")
+        theirs = put_pod(kube, "theirs", "apps", "n2", inject=APP)
+        stream = files.open(injector_token(kube, injector), [mine])
+        bystander = files.open(injector_token(kube, other), [theirs])
+        stream.snapshot()
+        bystander.snapshot()
+        if change == "deleted":
+            kube.delete("pods", CONTROLLER_NS, injector["metadata"]["name"])
+        else:
+            # Out of --injector-selector: the label-selected watch sees it DELETED.
+            kube.put({**injector, "metadata": {**injector["metadata"], "labels": {"app": "x"}}})
+        _ends_within(stream, 1.0)
+        wait_for(lambda: files.value("token_refresher_files_streams") == 1, 2)
+        # The other node's stream goes on: heartbeats, no snapshot.
+        assert {line["type"] for line in bystander.lines_for(0.5)} == {"heartbeat"}
+        # Reconnecting is refused: the TokenReview (deleted: the API server
+        # invalidates a pod-bound token with its pod) or the pod check (relabelled).
+        again = files.open(injector_token(kube, injector), [mine])
+        assert again.status == (401 if change == "deleted" else 403)
+    finally:
+        gen.close()
+
+
+def test_an_injector_pod_the_watch_has_not_seen_yet_is_served_through_a_get(
+    files: Files,
+) -> None:
+    kube = files.kube
+    put_token_secret(kube, "tok", "apps", at := access_token("x"))
+    mine = put_pod(kube, "mine", "apps", "n1", inject=APP)
+    assert files.server.authenticator.wait_synced(5)
+    # Just created: the watch lags behind the GET, a consistent read.
+    kube.hold_watches(f"{INJECTOR_PODS}.*")
+    injector = put_injector(kube, "n1")
+    stream = files.open(injector_token(kube, injector), [mine])
+    assert _content(stream.snapshot()["pods"][0]) == at
+    assert kube.count("GET", f"{INJECTOR_PODS}/injector-n1") == 1
+    kube.release_watches()
+    _watched(files, injector)
+    # From now on the watch answers: re-checks and new streams read nothing.
+    stream.lines_for(1.2)  # two re-checks at FAST's 0.5 s
+    files.open(injector_token(kube, injector), [mine]).snapshot()
+    assert kube.count("GET", f"{INJECTOR_PODS}/injector-n1") == 1
+
+
+def test_open_streams_cost_no_pod_read_and_no_review_in_steady_state(files: Files) -> None:
+    kube = files.kube
+    put_token_secret(kube, "tok", "apps", access_token("x"))
+    streams = []
+    for node in ("n1", "n2", "n3"):
+        injector = put_injector(kube, node)
+        pod = put_pod(kube, f"p-{node}", "apps", node, inject=APP)
+        _watched(files, injector)
+        streams.append(files.open(injector_token(kube, injector), [pod]))
+    for stream in streams:
+        stream.snapshot()
+    kube.clear_calls()
+    # Four re-checks of each stream (FAST: every 0.5 s), heartbeats meanwhile.
+    for stream in streams:
+        stream.lines_for(0.7)
+    assert kube.count("GET", f"{INJECTOR_PODS}/.+") == 0
+    assert kube.count("POST", ".*/tokenreviews") == 0
+    # What is left: the watches (Secrets, injector pods) and template re-reads, if any.
+    assert {c.method for c in kube.calls()} <= {"GET"}
+    assert all(c.watch for c in kube.calls())
+    assert files.value("token_refresher_files_streams") == 3
 
 
 def test_reviews_are_cached(files: Files) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from agents.common.kube import load_api_client
 from agents.token_refresher.metrics import FilesMetrics
 from agents.token_refresher.nodeauth import (
+    INJECTOR_SELECTOR,
     AuthUnavailable,
     Caller,
     Forbidden,
@@ -21,10 +23,13 @@ from agents.token_refresher.nodeauth import (
     Unauthenticated,
     token_expiry,
 )
+from hack.autofs_world import wait_for
 from tests.support.fake_kube import FakeKube
 from tests.support.token_files import CONTROLLER_NS, injector_token, put_injector
 
 REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
+PODS = f"/api/v1/namespaces/{CONTROLLER_NS}/pods"
+INJECTOR_GETS = f"{PODS}/.+"
 
 
 class Clock:
@@ -55,7 +60,46 @@ def _authenticator(
 
 @pytest.fixture
 def auth(api: Any, registry: CollectorRegistry, clock: Clock) -> NodeAuthenticator:
+    """Not started: its injector pod watch has not listed, every pod is a GET."""
     return _authenticator(api, registry, clock)
+
+
+class Heard:
+    """A listener recording the injector pod changes the watch reports."""
+
+    def __init__(self) -> None:
+        self.changes: list[tuple[str, str]] = []
+
+    def __call__(self, type_: str, pod: dict[str, Any]) -> None:
+        self.changes.append((type_, pod["metadata"]["name"]))
+
+
+@pytest.fixture
+def heard() -> Heard:
+    return Heard()
+
+
+@pytest.fixture
+def watching(
+    api: Any, registry: CollectorRegistry, clock: Clock, heard: Heard
+) -> Iterator[NodeAuthenticator]:
+    """Started, its injector pod watch listed."""
+    auth = _authenticator(api, registry, clock, watch_timeout=5)
+    auth.add_listener(heard)
+    auth.start()
+    try:
+        assert auth.wait_synced(5)
+        yield auth
+    finally:
+        auth.close()
+
+
+def in_watch(auth: NodeAuthenticator, pod: dict[str, Any]) -> bool:
+    held = auth.pods.named(CONTROLLER_NS, pod["metadata"]["name"])
+    return (
+        held is not None
+        and held["metadata"]["resourceVersion"] == (pod["metadata"]["resourceVersion"])
+    )
 
 
 def reviews(registry: CollectorRegistry, outcome: str) -> float:
@@ -165,7 +209,7 @@ def test_reviews_are_cached_by_token_for_a_bounded_time(
     for _ in range(3):
         auth.authenticate(token)
     assert kube.count("POST", REVIEWS) == 1
-    clock.now += 59
+    clock.now += 299
     auth.authenticate(token)
     assert kube.count("POST", REVIEWS) == 1
     clock.now += 2
@@ -189,7 +233,7 @@ def test_the_review_cache_is_bounded(
     assert kube.count("POST", REVIEWS) == 6
 
 
-def test_the_pod_check_is_cached_and_a_recheck_reads_it_again(
+def test_before_the_watch_lists_a_pod_check_is_a_get_cached_and_a_recheck_reads_again(
     kube: FakeKube, auth: NodeAuthenticator, clock: Clock
 ) -> None:
     pod = put_injector(kube, "n1")
@@ -268,3 +312,101 @@ def test_token_expiry() -> None:
 )
 def test_label_selector(selector: str, labels: dict[str, str], matches: bool) -> None:
     assert LabelSelector(selector).matches(labels) is matches
+
+
+# -- the injector pod watch
+
+
+def test_a_watched_pod_costs_no_get_however_often_it_is_checked(
+    kube: FakeKube, watching: NodeAuthenticator, clock: Clock
+) -> None:
+    pod = put_injector(kube, "n1")
+    wait_for(lambda: in_watch(watching, pod), 5)
+    token = injector_token(kube, pod)
+    for _ in range(5):
+        assert watching.authenticate(token, fresh_pod=True).node == "n1"
+        clock.now += 31  # past the pod check's TTL: the watch has no TTL
+    assert kube.count("GET", INJECTOR_GETS) == 0
+    assert watching.pod_reads == 0
+    # One paged, label-selected LIST of this namespace, then the watch.
+    (listed,) = kube.calls("GET", PODS, watch=False)
+    assert listed.query["labelSelector"] == INJECTOR_SELECTOR
+    assert listed.query["limit"] == "500"
+
+
+def test_only_what_the_check_reads_is_kept_of_an_injector_pod(
+    kube: FakeKube, watching: NodeAuthenticator
+) -> None:
+    pod = put_injector(kube, "n1")
+    wait_for(lambda: in_watch(watching, pod), 5)
+    held = watching.pods.named(CONTROLLER_NS, "injector-n1")
+    assert held is not None
+    assert held["spec"] == {"nodeName": "n1", "serviceAccountName": "token-refresher-injector"}
+    assert held["status"] == {"phase": "Running"}
+    assert "annotations" not in held["metadata"]
+
+
+def test_a_pod_not_in_the_watch_yet_is_read_with_one_get(
+    kube: FakeKube, watching: NodeAuthenticator
+) -> None:
+    # The watch lags (the pod was just created): the GET, a consistent read, has it.
+    kube.hold_watches(f"{PODS}.*")
+    pod = put_injector(kube, "n1")
+    token = injector_token(kube, pod)
+    assert watching.authenticate(token).node == "n1"
+    assert watching.authenticate(token).node == "n1"  # the GET's answer is reused
+    assert kube.count("GET", f"{PODS}/injector-n1") == 1
+    kube.release_watches()
+    wait_for(lambda: in_watch(watching, pod), 5)
+    assert watching.authenticate(token, fresh_pod=True).node == "n1"
+    assert kube.count("GET", f"{PODS}/injector-n1") == 1
+
+
+def test_other_pods_of_the_namespace_are_not_watched(
+    kube: FakeKube, watching: NodeAuthenticator, heard: Heard
+) -> None:
+    put_injector(kube, "n1", labels={"app": "other"})
+    marker = put_injector(kube, "n2")
+    wait_for(lambda: in_watch(watching, marker), 5)
+    assert watching.pods.named(CONTROLLER_NS, "injector-n1") is None
+    assert heard.changes == [("ADDED", "injector-n2")]
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ("deleted", "pod_gone"),
+        ("relabelled", "not_injector"),
+        ("finished", "pod_finished"),
+        ("terminating", "pod_deleted"),
+    ],
+)
+def test_a_change_that_disqualifies_the_pod_is_heard_and_refused(
+    kube: FakeKube, watching: NodeAuthenticator, heard: Heard, change: str, reason: str
+) -> None:
+    pod = put_injector(kube, "n1")
+    token = injector_token(kube, pod)
+    wait_for(lambda: in_watch(watching, pod), 5)
+    assert watching.authenticate(token).node == "n1"
+    stored = kube.get("pods", CONTROLLER_NS, "injector-n1")
+    assert stored is not None
+    if change == "deleted":
+        kube.delete("pods", CONTROLLER_NS, "injector-n1")
+    elif change == "relabelled":
+        kube.put({**stored, "metadata": {**stored["metadata"], "labels": {"app": "x"}}})
+    elif change == "finished":
+        kube.put({**stored, "status": {"phase": "Failed"}})
+    else:
+        # Graceful deletion: the pod stays, with a deletionTimestamp, until its
+        # kubelet confirms (a finalizer holds it here).
+        kube.put({**stored, "metadata": {**stored["metadata"], "finalizers": ["x/y"]}})
+        kube.delete("pods", CONTROLLER_NS, "injector-n1")
+    # Leaving the label selector is a DELETED event, as the API server sends it.
+    expected = "DELETED" if change in ("deleted", "relabelled") else "MODIFIED"
+    wait_for(lambda: heard.changes[-1:] == [(expected, "injector-n1")], 5)
+    with pytest.raises(Forbidden) as refused:
+        watching.authenticate(token, fresh_pod=True)
+    assert refused.value.reason == reason
+    # Still in the watch (finished, terminating): refused without a GET.
+    gets = kube.count("GET", f"{PODS}/injector-n1")
+    assert gets == (1 if expected == "DELETED" else 0)
