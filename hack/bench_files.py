@@ -849,7 +849,7 @@ def api_request(method: str, path: str, watch: bool) -> str:
         namespace, rest = rest[1], rest[2:]
     named = len(rest) > 1
     resource = "/".join(rest[:1] + rest[2:3])
-    if resource == "pods" and named:
+    if resource == "pods" and (named or namespace):
         resource += " (injector)" if namespace == AGENTS_NAMESPACE else " (claimed)"
     verb = {
         "GET": "watch" if watch else "get" if named else "list",
@@ -1107,7 +1107,7 @@ def _run(sizes: Sizes, push: int, args: argparse.Namespace, work: Path) -> tuple
             "api_requests": dict(
                 sorted(Counter(api_request(c.method, c.path, c.watch) for c in calls).items())
             ),
-            # Beyond one per stream: the 30 s re-checks of open streams, once the 60 s
+            # Beyond one per stream: the 30 s re-checks of open streams, once the 300 s
             # review cache lapsed, and retried connections.
             "token_reviews": sum(1 for c in calls if c.path.endswith("/tokenreviews")),
             "listen_overflows": overflows,
@@ -1229,8 +1229,8 @@ def _push(
 
 def _steady(kube: FakeKube, seconds: float, streams: int) -> JSON:
     """API requests per second while nothing changes: the open streams' re-checks
-    (every 30 s, a fresh injector pod read; a TokenReview once its 60 s cache lapsed),
-    template re-reads, Lease renewals."""
+    (every 30 s; a TokenReview once its 300 s cache lapsed; the injector pods come
+    from a watch), template re-reads, Lease renewals."""
     since = len(kube.calls())
     time.sleep(seconds)
     calls = Counter(api_request(c.method, c.path, c.watch) for c in kube.calls()[since:])
