@@ -75,6 +75,15 @@ def load_api_client(kubeconfig: str | None = None, *, enabled: bool = True) -> A
     return client.ApiClient(configuration)
 
 
+def api_error_text(err: BaseException, limit: int = 300) -> str:
+    """One line for a log or an Event: str() of an ApiException spans lines,
+    headers and body (which may echo what was sent)."""
+    status = getattr(err, "status", None)
+    if isinstance(status, int):
+        return f"HTTP {status} {getattr(err, 'reason', '') or ''}".strip()
+    return " ".join(str(err).split())[:limit] or type(err).__name__
+
+
 def is_network_error(err: BaseException) -> bool:
     """True for a request that got no answer (refused, timed out, connection cut)."""
     import urllib3

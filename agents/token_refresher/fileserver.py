@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Protocol
 
+from agents.common.kube import api_error_text
 from agents.token_refresher.claims import Claim, ClaimVerifier, Refusal, VerifiedPod
 from agents.token_refresher.config import FilesConfig
 from agents.token_refresher.metrics import FilesMetrics
@@ -127,13 +128,6 @@ class FileProblem(Exception):
 
     def wire(self) -> dict[str, Any]:
         return {"reason": self.reason, "message": str(self), "waiting": self.waiting}
-
-
-def _short(err: BaseException) -> str:
-    status = getattr(err, "status", None)
-    if isinstance(status, int):
-        return f"HTTP {status} {getattr(err, 'reason', '') or ''}".strip()
-    return " ".join(str(err).split())[:300] or type(err).__name__
 
 
 # -- templates
@@ -250,9 +244,11 @@ class TemplateCache:
             if getattr(err, "status", None) != NOT_FOUND:
                 if previous is not None:
                     # A passing API error must not turn good files into problems.
-                    log.warning("cannot re-read template ConfigMap %s/%s: %s", *key, _short(err))
+                    log.warning(
+                        "cannot re-read template ConfigMap %s/%s: %s", *key, api_error_text(err)
+                    )
                     return previous
-                return False, f"cannot read template ConfigMap {name}: {_short(err)}"
+                return False, f"cannot read template ConfigMap {name}: {api_error_text(err)}"
             config_map = None
         try:
             return True, template_of(config_map, name)

@@ -64,6 +64,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agents.common.kube import api_error_text
 from agents.common.watchcache import WatchCache
 from agents.token_refresher.metrics import FilesMetrics
 
@@ -245,13 +246,6 @@ def _one(extra: Mapping[str, Any], key: str) -> str:
     return ""
 
 
-def _short(err: BaseException) -> str:
-    status = getattr(err, "status", None)
-    if isinstance(status, int):
-        return f"HTTP {status} {getattr(err, 'reason', '') or ''}".strip()
-    return " ".join(str(err).split())[:200] or type(err).__name__
-
-
 class NodeAuthenticator:
     """Turns a bearer token into a `Caller`, or raises an `AuthError`. Thread-safe.
 
@@ -408,7 +402,7 @@ class NodeAuthenticator:
             review = json.loads(response.data)
         except Exception as err:
             # Not the caller's fault: never cached, never a 401.
-            log.warning("TokenReview failed: %s", _short(err))
+            log.warning("TokenReview failed: %s", api_error_text(err))
             raise AuthUnavailable("review_failed", "the token could not be reviewed") from None
         status = review.get("status") or {}
         if not status.get("authenticated"):
@@ -481,7 +475,7 @@ class NodeAuthenticator:
         except Exception as err:
             if getattr(err, "status", None) == NOT_FOUND:
                 return Forbidden("pod_gone", f"{where} does not exist")
-            log.warning("cannot read injector %s: %s", where, _short(err))
+            log.warning("cannot read injector %s: %s", where, api_error_text(err))
             raise AuthUnavailable("pod_read_failed", f"{where} could not be read") from None
         return self._judge(identity, pod)
 

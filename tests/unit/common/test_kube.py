@@ -187,3 +187,16 @@ def test_an_unreachable_api_server_is_counted_not_raised(kube: FakeKube, api: An
     kube.close()
     assert recorder.emit(ObjectRef(kind="Node", name="n"), "Normal", "X", "y") is False
     assert recorder.failures == 1
+
+
+def test_an_api_error_is_one_short_line_without_its_body() -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    from agents.common.kube import api_error_text
+
+    err = ApiException(status=403, reason="Forbidden")
+    err.body = '{"message": "secrets \\"tok\\" is forbidden", "echo": "Bearer s3cr3t"}'
+    assert api_error_text(err) == "HTTP 403 Forbidden"
+    assert api_error_text(OSError("connection\nrefused")) == "connection refused"
+    assert api_error_text(TimeoutError()) == "TimeoutError"
+    assert len(api_error_text(ValueError("x" * 1000), limit=50)) == 50
