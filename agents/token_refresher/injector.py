@@ -191,6 +191,8 @@ class Injector:
         self._lock = threading.Lock()
         self._dirty: set[str] = set()  # pod UIDs to look at in the next pass
         self._delivered = False  # new files from the controller since the last pass
+        # What the last pass was given per pod, to plan only the pods that changed.
+        self._seen_delivered: dict[str, DeliveredPod] = {}
         # pod UID -> (container, path) -> state: per pod, so that a pass costs
         # O(files), not O(pods x files).
         self._files: dict[str, dict[tuple[str, str], _FileState]] = {}
@@ -263,8 +265,12 @@ class Injector:
         snapshot = self.files.files()
         delivered_pods = dict(snapshot.pods) if snapshot is not None else {}
         if delivered:
-            # Unchanged files are skipped by their digest: this costs no write.
-            dirty |= set(delivered_pods) | set(self._files) | set(self._pod_problems)
+            # Only the pods whose delivery changed: a snapshot holds the whole
+            # node, and one Secret's refresh must not cost a plan of every pod.
+            seen = self._seen_delivered
+            dirty |= {uid for uid, pod in delivered_pods.items() if seen.get(uid) != pod}
+            dirty |= set(seen) - set(delivered_pods)
+            self._seen_delivered = delivered_pods
         if full:
             self._last_full = started
             dirty = set(pods) | set(self._pod_problems) | set(self._files)
