@@ -102,6 +102,17 @@ def _url_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _path_prefixes(text: str) -> tuple[str, ...]:
+    """Comma-separated absolute directories (an injector's --allowed-path-prefixes)."""
+    prefixes = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not prefixes:
+        raise argparse.ArgumentTypeError("no path prefix given")
+    for prefix in prefixes:
+        if not prefix.startswith("/"):
+            raise argparse.ArgumentTypeError(f"not an absolute path: {prefix!r}")
+    return prefixes
+
+
 def build_parser(environ: Mapping[str, str] | None = None) -> AgentArgumentParser:
     parser = AgentArgumentParser(
         prog=PROG,
@@ -197,6 +208,29 @@ def build_parser(environ: Mapping[str, str] | None = None) -> AgentArgumentParse
         default=8,
         env="WORKERS",
         help="files written in parallel",
+    )
+    injector.add_argument(
+        "--allowed-path-prefixes",
+        type=_path_prefixes,
+        default=InjectorConfig.allowed_path_prefixes,
+        env="ALLOWED_PATH_PREFIXES",
+        help="comma-separated directories of a container where token files may be "
+        "written, matched on whole path components (default: /tmp/)",
+    )
+    injector.add_argument(
+        "--write-timeout",
+        type=positive_float,
+        default=InjectorConfig.write_timeout,
+        env="WRITE_TIMEOUT",
+        help="seconds one file's write may take; past it the file is reported and its "
+        "thread left behind",
+    )
+    injector.add_argument(
+        "--max-stuck-writes",
+        type=int_between(1, 1024),
+        default=InjectorConfig.max_stuck_writes,
+        env="MAX_STUCK_WRITES",
+        help="write threads left blocked in the kernel at most (then not ready)",
     )
     _add_controller_link_flags(injector)
 
@@ -794,6 +828,9 @@ def _injector(
         interval=args.interval,
         dry_run=args.dry_run,
         workers=args.workers,
+        allowed_path_prefixes=args.allowed_path_prefixes,
+        write_timeout=args.write_timeout,
+        max_stuck_writes=args.max_stuck_writes,
         controller=ControllerLinkConfig(
             urls=tuple(args.controller_url),
             server_name=args.controller_server_name,

@@ -195,5 +195,21 @@ class InjectorConfig:
     dry_run: bool = False
     workers: int = 8
     """Files written in parallel (fsync dominates a write)."""
+    allowed_path_prefixes: tuple[str, ...] = ("/tmp/",)
+    """Where in a container a pod may have its token file written, matched on path
+    components after `.`, `..` and `//` are folded: `/tmp/` allows `/tmp/x` and
+    `/tmp/a/b`, not `/tmpx`. `/tmp/` holds the default path (`/tmp/oauthtk_<owner>`)
+    and is private to the container in most pods; admins add volumes' paths
+    knowingly (a volume shared with other users is reached with the rights of
+    whichever owner a pod names)."""
+    write_timeout: float = 10.0
+    """Seconds one file's write may take once started (a healthy one takes
+    milliseconds; fsync on a busy disk, seconds). A write past it is reported
+    and its thread left behind: a filesystem that stops answering (overlayfs
+    over a hung FUSE mount, as CVMFS-backed images are) holds only that file."""
+    max_stuck_writes: int = 16
+    """Write threads left blocked in the kernel at most; each is replaced while
+    fewer are stuck. At the limit the injector is not ready, and the files of a
+    container with a stuck write wait until it returns."""
     controller: ControllerLinkConfig = field(default_factory=ControllerLinkConfig)
     """Where the files come from: the controller's file stream (no Secret is read)."""

@@ -34,14 +34,16 @@ changes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from agents.common.attribution import (
@@ -64,9 +66,13 @@ from agents.token_refresher.fileclient import (
     claims_of,
 )
 from agents.token_refresher.inject import (
+    Confined,
+    CredentialsNotRestored,
     InjectError,
     container_root,
+    normal_path,
     open_root,
+    path_allowed,
     write_file,
 )
 from agents.token_refresher.metrics import InjectorMetrics
@@ -110,11 +116,30 @@ class Target:
 class _Problem(Exception):
     """A file that cannot be written now; `reason` is the metric label."""
 
-    def __init__(self, reason: str, message: str, *, waiting: bool = False) -> None:
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        *,
+        waiting: bool = False,
+        failure: BaseException | None = None,
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.waiting = waiting
         """Not an error: the container or the Secret is not there *yet*."""
+        self.failure = failure
+        """The unexpected exception behind an `internal` problem (logged with its traceback)."""
+
+
+def _internal(what: str, failure: BaseException) -> _Problem:
+    """An unexpected exception, as one file's (or pod's) problem: never the pass's.
+    The message names only its type; the log has the traceback."""
+    return _Problem(
+        "internal",
+        f"internal error while {what} ({type(failure).__name__}); see the injector's log",
+        failure=failure,
+    )
 
 
 def _injection(file: DeliveredFile) -> Injection:
@@ -148,6 +173,165 @@ class _FileState:
     """(container ID, since when) its processes were not found: the pod status
     may say running for a while after the container exited. Reported only if
     that lasts NO_PROCESS_GRACE."""
+
+
+@dataclass(eq=False)
+class _Task:
+    job: _Job
+    future: Future[bool | _Problem] = field(default_factory=Future)
+    started: float | None = None
+    """When a thread took it (monotonic); its deadline counts from here."""
+    thread: threading.Thread | None = None
+
+
+class _Writers:
+    """Threads that write the files, each write with a deadline the kernel cannot hold up.
+
+    A thread blocked in a syscall cannot be interrupted from Python (a lookup
+    on overlayfs over a stopped FUSE daemon waits in the kernel, unkillable).
+    So a write past its deadline is reported, its thread left to the kernel,
+    and a new thread takes its place while at most `max_stuck` are left
+    behind; beyond, the pool shrinks. A thread that comes back rejoins the
+    pool if it is short, and otherwise ends. Until then its container gets
+    no other write (`held`): one hung filesystem holds one thread, not one
+    per pass.
+    """
+
+    def __init__(self, size: int, max_stuck: int, write: Callable[[_Job], bool | _Problem]) -> None:
+        self._size = size
+        self._max_stuck = max_stuck
+        self._write = write
+        self._queue: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._live: set[threading.Thread] = set()
+        self._stuck: dict[threading.Thread, str] = {}  # thread -> container ID it writes to
+        self._closed = False
+        self._started = 0
+        for _ in range(size):
+            self._spawn()
+
+    @property
+    def stuck(self) -> int:
+        with self._lock:
+            return len(self._stuck)
+
+    def held(self) -> set[str]:
+        """Container IDs with a write still stuck in the kernel."""
+        with self._lock:
+            return set(self._stuck.values())
+
+    def _spawn(self) -> None:
+        self._started += 1
+        thread = threading.Thread(target=self._serve, name=f"inject-{self._started}", daemon=True)
+        self._live.add(thread)
+        thread.start()
+
+    def _serve(self) -> None:
+        me = threading.current_thread()
+        while True:
+            task = self._queue.get()
+            if task is None:
+                with self._lock:
+                    self._live.discard(me)
+                return
+            if not task.future.set_running_or_notify_cancel():
+                continue  # given up on before it started
+            with self._lock:
+                task.started, task.thread = time.monotonic(), me
+            retire = False
+            try:
+                outcome = self._write(task.job)
+            except CredentialsNotRestored as err:
+                # This thread's credentials are not root's any more: never reuse it.
+                outcome, retire = _internal("restoring the write thread's rights", err), True
+            except Exception as err:
+                outcome = _internal("writing the file", err)
+            task.future.set_result(outcome)
+            with self._lock:
+                if me in self._stuck:  # back after its deadline
+                    del self._stuck[me]
+                    if self._closed or retire or len(self._live) >= self._size:
+                        return
+                    self._live.add(me)
+                elif retire:
+                    self._live.discard(me)
+                    if not self._closed:
+                        self._spawn()
+                    return
+
+    def run(self, jobs: list[_Job], timeout: float) -> list[bool | _Problem]:
+        """Each job's outcome; a job not done `timeout` seconds after it started is a
+        `write_timeout` problem, and its thread is left behind."""
+        tasks = [_Task(job) for job in jobs]
+        for task in tasks:
+            self._queue.put(task)
+        outcomes: dict[int, bool | _Problem] = {}
+        pending = set(range(len(tasks)))
+        while pending:
+            now = time.monotonic()
+            nearest = 0.1
+            with self._lock:
+                for index in list(pending):
+                    task = tasks[index]
+                    if task.future.done():
+                        outcomes[index] = task.future.result()
+                        pending.discard(index)
+                    elif task.started is not None and now - task.started >= timeout:
+                        outcomes[index] = self._abandon(task, timeout)
+                        pending.discard(index)
+                    elif task.started is not None:
+                        nearest = min(nearest, task.started + timeout - now)
+                if pending and not self._live:
+                    for index in list(pending):
+                        if tasks[index].future.cancel():
+                            outcomes[index] = _Problem(
+                                "write_timeout",
+                                f"not written: all write threads are stuck in the kernel "
+                                f"({len(self._stuck)}, the injector's --max-stuck-writes "
+                                f"is {self._max_stuck})",
+                            )
+                            pending.discard(index)
+            if pending:
+                futures = [tasks[index].future for index in pending]
+                concurrent.futures.wait(
+                    futures,
+                    timeout=max(nearest, 0.001),
+                    return_when=concurrent.futures.FIRST_COMPLETED,
+                )
+        return [outcomes[index] for index in range(len(tasks))]
+
+    def _abandon(self, task: _Task, timeout: float) -> _Problem:
+        """Under the lock: leave the task's thread to the kernel, replace it if allowed."""
+        thread = task.thread
+        assert thread is not None
+        self._live.discard(thread)
+        self._stuck[thread] = task.job.container_id
+        if len(self._stuck) <= self._max_stuck and not self._closed:
+            self._spawn()
+        log.error(
+            "%s: the write did not finish within %g s; thread %s left blocked in the kernel "
+            "(%d stuck, limit %d)",
+            task.job.target.where,
+            timeout,
+            thread.name,
+            len(self._stuck),
+            self._max_stuck,
+        )
+        return _Problem(
+            "write_timeout",
+            f"the write did not finish within {timeout:g} s (the injector's --write-timeout); "
+            "its filesystem does not answer. This container gets no other write until it does",
+        )
+
+    def close(self, timeout: float) -> None:
+        """End the threads that are not stuck (waiting up to `timeout` for each)."""
+        with self._lock:
+            self._closed = True
+            live = list(self._live)
+        for _ in live:
+            self._queue.put(None)
+        for thread in live:
+            thread.join(timeout)
 
 
 class Injector:
@@ -200,7 +384,7 @@ class Injector:
         self._pids: dict[str, int] = {}  # bare container ID -> a PID in it
         self._last_full = -float("inf")
         self._watch_counts: tuple[int, int] = (0, 0)
-        self._pool = ThreadPoolExecutor(config.workers, thread_name_prefix="inject")
+        self._writers = _Writers(config.workers, config.max_stuck_writes, self._write)
         # Events are posted by one thread of their own, in order: 500 new
         # containers must not hold a token update back for 500 POSTs.
         self._events = ThreadPoolExecutor(1, thread_name_prefix="events")
@@ -215,7 +399,8 @@ class Injector:
     def stop(self) -> None:
         self.files.stop()
         self.pods.stop()
-        self._pool.shutdown(wait=True)
+        # Stuck writers are left to the kernel (daemon threads): they hold nothing.
+        self._writers.close(timeout=self.config.write_timeout)
         # Events still queued are dropped: a stopping agent must not wait on an API.
         self._events.shutdown(wait=True, cancel_futures=True)
 
@@ -231,6 +416,12 @@ class Injector:
         controller's files are current (fileclient.FileClient.ready)."""
         if not self.pods.synced:
             return False, "this node's pods are not listed yet"
+        stuck = self._writers.stuck
+        if stuck >= self.config.max_stuck_writes:
+            return False, (
+                f"{stuck} write threads are stuck in the kernel (--max-stuck-writes "
+                f"{self.config.max_stuck_writes}): filesystems that do not answer"
+            )
         return self.files.ready()
 
     # -- callbacks (watch and stream threads): mark, wake, return
@@ -276,7 +467,11 @@ class Injector:
             dirty = set(pods) | set(self._pod_problems) | set(self._files)
         jobs: list[_Job] = []
         for uid in dirty:
-            jobs.extend(self._plan_pod(uid, pods.get(uid), delivered_pods.get(uid), full))
+            try:
+                jobs.extend(self._plan_pod(uid, pods.get(uid), delivered_pods.get(uid), full))
+            except Exception as err:
+                # One pod's surprise is that pod's problem, never the pass's.
+                self._pod_failed(uid, pods.get(uid), err)
         if full:
             self._forget_exited_containers(jobs)
         self._run(jobs)
@@ -321,6 +516,9 @@ class Injector:
             except _Problem as problem:
                 self._problem(target, state, problem)
                 continue
+            except Exception as err:
+                self._problem(target, state, _internal("planning the file", err))
+                continue
             if job is None:
                 continue  # held: an older token than the one written came in
             if not full and job.digest == state.digest and job.container_id == state.container_id:
@@ -330,6 +528,14 @@ class Injector:
 
     def _plan(self, target: Target, pod: dict[str, Any], file: DeliveredFile) -> _Job | None:
         injection = target.injection
+        prefixes = self.config.allowed_path_prefixes
+        if not path_allowed(injection.path, prefixes):
+            raise _Problem(
+                "path_not_allowed",
+                f"path {normal_path(injection.path)} is outside the directories this node "
+                f"allows for token files ({', '.join(prefixes)}: the injector's "
+                "--allowed-path-prefixes)",
+            )
         # The container first: a file problem waits for a running container, as before.
         container_id = _container_id(pod, injection.container)
         if file.problem is not None:
@@ -343,48 +549,78 @@ class Injector:
     # -- writing (a thread pool: fsync and the /proc walk dominate)
 
     def _run(self, jobs: list[_Job]) -> None:
-        if not jobs:
+        if jobs:
+            held = self._writers.held()
+            waiting = [job for job in jobs if job.container_id in held]
+            jobs = [job for job in jobs if job.container_id not in held]
+            for job in waiting:
+                self._record(
+                    job,
+                    _Problem(
+                        "write_timeout",
+                        f"not written: a write into container {job.target.injection.container} "
+                        "is still stuck in the kernel (its filesystem does not answer)",
+                    ),
+                )
+            unknown = {
+                bare_container_id(j.container_id)
+                for j in jobs
+                if bare_container_id(j.container_id) not in self._pids
+            }
+            self._find_pids(unknown)
+            outcomes = self._writers.run(jobs, self.config.write_timeout)
+            for job, outcome in zip(jobs, outcomes, strict=True):
+                self._record(job, outcome)
+        self._metrics.stuck_writes.set(self._writers.stuck)
+
+    def _record(self, job: _Job, outcome: bool | _Problem) -> None:
+        state = self._files.get(job.target.pod_uid, {}).get(job.target.key)
+        if state is None:
+            return  # the pod went away meanwhile
+        try:
+            self._record_outcome(job, state, outcome)
+        except Exception as err:
+            self._problem(job.target, state, _internal("recording the write", err))
+
+    def _record_outcome(self, job: _Job, state: _FileState, outcome: bool | _Problem) -> None:
+        if isinstance(outcome, _Problem):
+            if outcome.reason == "no_process":
+                now = time.monotonic()
+                if state.unseen[0] != job.container_id:
+                    state.unseen = (job.container_id, now)
+                if now - state.unseen[1] < NO_PROCESS_GRACE:
+                    outcome.waiting = True
+            self._problem(job.target, state, outcome)
             return
-        unknown = {
-            bare_container_id(j.container_id)
-            for j in jobs
-            if bare_container_id(j.container_id) not in self._pids
-        }
-        self._find_pids(unknown)
-        results = list(self._pool.map(self._write, jobs))
-        for job, outcome in zip(jobs, results, strict=True):
-            state = self._files.get(job.target.pod_uid, {}).get(job.target.key)
-            if state is None:
-                continue  # the pod went away meanwhile
-            if isinstance(outcome, _Problem):
-                if outcome.reason == "no_process":
-                    now = time.monotonic()
-                    if state.unseen[0] != job.container_id:
-                        state.unseen = (job.container_id, now)
-                    if now - state.unseen[1] < NO_PROCESS_GRACE:
-                        outcome.waiting = True
-                self._problem(job.target, state, outcome)
-                continue
-            state.unseen = ("", 0.0)
-            first = state.container_id != job.container_id
-            state.container_id, state.digest, state.state = job.container_id, job.digest, "ok"
-            if state.problem:
-                log.info("%s: written again", job.target.where)
-                state.problem = ""
-            if outcome:
-                self._metrics.files_written.inc()
-                if first:
-                    injection = job.target.injection
-                    self._event(
-                        job.target.pod_ref,
-                        "Normal",
-                        "TokenInjected",
-                        f"token from Secret {injection.secret_name} written to "
-                        f"{injection.path} in container {injection.container}",
-                    )
+        state.unseen = ("", 0.0)
+        first = state.container_id != job.container_id
+        state.container_id, state.digest, state.state = job.container_id, job.digest, "ok"
+        if state.problem:
+            log.info("%s: written again", job.target.where)
+            state.problem = ""
+        if outcome:
+            self._metrics.files_written.inc()
+            if first:
+                injection = job.target.injection
+                self._event(
+                    job.target.pod_ref,
+                    "Normal",
+                    "TokenInjected",
+                    f"token from Secret {injection.secret_name} written to "
+                    f"{injection.path} in container {injection.container}",
+                )
 
     def _write(self, job: _Job) -> bool | _Problem:
-        """Write one file; True when written, False when it was already right."""
+        """Write one file (on a write thread); True when written, False when it was
+        already right. Any unexpected exception is that file's problem."""
+        try:
+            return self._write_one(job)
+        except CredentialsNotRestored:
+            raise  # the thread retires (_Writers)
+        except Exception as err:
+            return _internal("writing the file", err)
+
+    def _write_one(self, job: _Job) -> bool | _Problem:
         injection = job.target.injection
         if self.config.dry_run:
             log.info("dry run: would write %s", job.target.where)
@@ -417,8 +653,12 @@ class Injector:
                     mode=injection.mode,
                     uid=injection.owner,
                     gid=injection.group,
+                    # The tenant's file: its owner's rights, filesystems that answer.
+                    confined=Confined(f"{self.config.proc_root}/{pid}/mountinfo"),
                 )
                 return result.written
+            except CredentialsNotRestored:
+                raise
             except InjectError as err:
                 return _Problem(err.reason, str(err))
             finally:
@@ -459,7 +699,12 @@ class Injector:
             return
         state.problem = said
         self._metrics.injection_failures.labels(problem.reason).inc()
-        log.warning("%s: cannot write the token file: %s", target.where, problem)
+        log.warning(
+            "%s: cannot write the token file: %s",
+            target.where,
+            problem,
+            exc_info=problem.failure,  # an internal error: its traceback, once
+        )
         injection = target.injection
         self._event(
             target.pod_ref,
@@ -468,19 +713,42 @@ class Injector:
             f"{injection.path} in container {injection.container}: {problem}",
         )
 
-    def _annotation_problem(self, pod: dict[str, Any], reason: str, message: str) -> None:
+    def _annotation_problem(
+        self,
+        pod: dict[str, Any],
+        reason: str,
+        message: str,
+        *,
+        event_reason: str = "InvalidTokenAnnotation",
+        failure: BaseException | None = None,
+    ) -> None:
         meta = pod.get("metadata") or {}
         uid = meta.get("uid", "")
         if self._pod_problems.get(uid) == message:
             return
         self._pod_problems[uid] = message
         self._metrics.injection_failures.labels(reason).inc()
-        log.warning("pod %s/%s: %s", meta.get("namespace"), meta.get("name"), message)
+        log.warning(
+            "pod %s/%s: %s", meta.get("namespace"), meta.get("name"), message, exc_info=failure
+        )
         self._event(
             ObjectRef("Pod", meta.get("name", ""), meta.get("namespace", ""), uid),
             "Warning",
-            "InvalidTokenAnnotation",
+            event_reason,
             message,
+        )
+
+    def _pod_failed(self, uid: str, pod: dict[str, Any] | None, err: Exception) -> None:
+        """An unexpected exception while planning a pod: reported once on that pod."""
+        problem = _internal("planning the pod's files", err)
+        if not isinstance(pod, dict):
+            if self._pod_problems.get(uid) != str(problem):
+                self._pod_problems[uid] = str(problem)
+                self._metrics.injection_failures.labels("internal").inc()
+                log.error("pod %s: %s", uid, problem, exc_info=err)
+            return
+        self._annotation_problem(
+            pod, "internal", str(problem), event_reason="TokenInjectionFailed", failure=err
         )
 
     def _event(self, ref: ObjectRef, type_: str, reason: str, message: str) -> None:

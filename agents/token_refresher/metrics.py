@@ -184,6 +184,12 @@ class InjectorMetrics:
             ["reason"],
             registry=registry,
         )
+        self.stuck_writes = Gauge(
+            f"{PREFIX}_injector_stuck_writes",
+            "Write threads abandoned at their deadline (--write-timeout) and still "
+            "blocked in the kernel; at --max-stuck-writes the injector is not ready.",
+            registry=registry,
+        )
         self.stale_files_ignored = Counter(
             f"{PREFIX}_injector_stale_files_ignored",
             "Files delivered with an older token than the one already kept for them "

@@ -334,6 +334,8 @@ def test_files_land_in_the_named_containers_of_this_nodes_pods_only(cluster: Clu
         entry("app", mode="0440", group=2000, path="/tmp/plain/token"),
     )
     app, sidecar = cluster.pod("web", annotations, ("app", "sidecar"), dirs=("tmp/plain",))
+    # The owner's own directory: files are written with the owner's rights.
+    os.chown(app.path("/tmp/plain"), 1000, 1000)
     (elsewhere,) = cluster.pod("far", annotations, node="node-b")
     with cluster.injector() as agent:
         wait_for(lambda: agent.value("token_refresher_files", {"state": "ok"}) == 2, 10)
