@@ -285,12 +285,17 @@ def write_file(
     rootfd = root if isinstance(root, int) else open_root(root)
     wanted = _Wanted(content, mode, uid, gid, confined=confined is not None)
     try:
-        rights = _owner_rights(uid, gid) if confined else contextlib.nullcontext()
+        if confined is None:
+            rights: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        else:
+            # Read with the injector's own rights: the tables are its, not the tenant's.
+            tables = _MountTables(confined).load()
+            rights = _owner_rights(uid, gid)
         with rights:
             if confined is None:
                 dirfd = _open_parent(rootfd, parent, path)
             else:
-                dirfd = _walk_parent(rootfd, parent, path, confined, uid)
+                dirfd = _walk_parent(rootfd, parent, path, tables, uid=uid)
             try:
                 if _in_place(dirfd, name, path, wanted):
                     log.debug("%s: already up to date", path)
@@ -403,7 +408,7 @@ def _open_parent(rootfd: int, parent: str, path: str) -> int:
     raise InjectError(errno.EAGAIN, f"{path}: {parent} kept changing while resolving it")
 
 
-def _walk_parent(rootfd: int, parent: str, path: str, confined: Confined, uid: int) -> int:
+def _walk_parent(rootfd: int, parent: str, path: str, tables: _MountTables, *, uid: int) -> int:
     """An O_PATH fd for `parent`, walked one component at a time from the root.
 
     Each step is an openat2 of one name with RESOLVE_NO_XDEV: a step onto a
@@ -413,11 +418,10 @@ def _walk_parent(rootfd: int, parent: str, path: str, confined: Confined, uid: i
     filesystem is so refused without ever being asked: even fstatfs(2) on it
     would wait for its server.
     """
-    tables = _MountTables(confined)
     fd = os.dup(rootfd)
     try:
         mount = tables.by_id(_mount_id(fd))
-        _check_mount(mount, "/", path, confined)
+        _check_mount(mount, "/", path, tables.refused)
         assert mount is not None
         where = ""
         for component in normal_path(parent).strip("/").split("/") if parent != "/" else []:
@@ -430,7 +434,7 @@ def _walk_parent(rootfd: int, parent: str, path: str, confined: Confined, uid: i
                 # A mount point: its mount is the one on top at this path, mounted
                 # (maybe stacked) on the mount we are in.
                 mount = tables.top_at(mount.id, at)
-                _check_mount(mount, at, path, confined)
+                _check_mount(mount, at, path, tables.refused)
                 assert mount is not None
                 try:
                     step = _step(fd, component, STEP_RESOLVE & ~RESOLVE_NO_XDEV)
@@ -489,12 +493,12 @@ def _mount_id(fd: int) -> int:
     raise InjectError(errno.ENOTSUP, "no mnt_id in /proc/self/fdinfo (Linux >= 3.15 needed)")
 
 
-def _check_mount(mount: _Mount | None, at: str, path: str, confined: Confined) -> None:
+def _check_mount(mount: _Mount | None, at: str, path: str, refused: frozenset[str]) -> None:
     if mount is None:
         raise RefusedFilesystem(
             errno.ENOENT, f"{path}: the mount at {at} is not in the container's mount table"
         )
-    if _refused(mount.fstype, confined.refused_fstypes):
+    if _refused(mount.fstype, refused):
         raise RefusedFilesystem(
             errno.EREMOTE,
             f"{path}: {at} is on a {mount.fstype} filesystem; FUSE and network filesystems "
@@ -559,6 +563,16 @@ class _MountTables:
                 )
             self._read[source] = _parse_mountinfo(text)
         return self._read[source]
+
+    @property
+    def refused(self) -> frozenset[str]:
+        return self._confined.refused_fstypes
+
+    def load(self) -> _MountTables:
+        """Read both tables now."""
+        self._table(self._confined.mountinfo)
+        self._table(self._confined.fallback_mountinfo)
+        return self
 
     def by_id(self, mount_id: int) -> _Mount | None:
         for source in (self._confined.mountinfo, self._confined.fallback_mountinfo):

@@ -13,6 +13,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,14 +23,22 @@ from pathlib import Path
 import pytest
 
 from agents.token_refresher.inject import (
+    FS_CAPABILITIES,
     TEMP_PREFIX,
+    Confined,
+    ForeignOwner,
     InjectError,
     NoSuchDirectory,
+    PermissionDenied,
     ReadOnly,
+    RefusedFilesystem,
     UnsafePath,
     WriteResult,
+    _owner_rights,
+    _parse_mountinfo,
     container_root,
     open_root,
+    path_allowed,
     write_file,
 )
 from tests.conftest import IS_ROOT
@@ -428,3 +437,191 @@ def test_writes_into_a_live_mount_namespace(tmp_path: Path) -> None:
     finally:
         container.kill()
         container.communicate()
+
+
+# -- confined writes (issue 11, points 5 and 6): the owner's rights, filesystems that answer
+
+
+def confined() -> Confined:
+    """The host's own mount table: these roots are directories of the host."""
+    return Confined("/proc/self/mountinfo")
+
+
+def thread_status(tid: int) -> dict[str, str]:
+    lines = Path(f"/proc/self/task/{tid}/status").read_text().splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def fs_identity(tid: int) -> tuple[str, str, str, int]:
+    """(fsuid, fsgid, groups, effective capabilities) of one thread of this process."""
+    status = thread_status(tid)
+    return (
+        status["Uid"].split()[3],
+        status["Gid"].split()[3],
+        status["Groups"].strip(),
+        int(status["CapEff"], 16),
+    )
+
+
+@needs_root
+def test_owner_rights_are_taken_by_the_writing_thread_alone_and_given_back() -> None:
+    """fsuid, fsgid, groups and capabilities are per-thread; glibc's setgroups() would
+    have changed every thread's groups (nptl broadcasts it), the raw syscall does not."""
+    main = threading.get_native_id()
+    before = fs_identity(main)
+    seen: dict[str, tuple[str, str, str, int]] = {}
+    inside = threading.Event()
+    resume = threading.Event()
+
+    def writer() -> None:
+        with _owner_rights(1000, 2000):
+            seen["writer"] = fs_identity(threading.get_native_id())
+            inside.set()
+            resume.wait(10)
+        seen["writer after"] = fs_identity(threading.get_native_id())
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        assert inside.wait(10)
+        seen["main meanwhile"] = fs_identity(main)
+    finally:
+        resume.set()
+        thread.join(10)
+
+    fsuid, fsgid, groups, caps = seen["writer"]
+    assert (fsuid, fsgid, groups) == ("1000", "2000", "")
+    assert caps & FS_CAPABILITIES == 0
+    assert seen["main meanwhile"] == before
+    assert seen["writer after"] == before
+
+
+@needs_root
+def test_a_mode_0400_file_of_the_owner_is_replaced_by_rename(node: Node) -> None:
+    target = node.at("/tmp/oauthtk_1000")
+    target.write_bytes(b"old")
+    os.chown(target, 1000, 1000)
+    target.chmod(0o400)
+
+    assert write_file(node.root, "/tmp/oauthtk_1000", TOKEN, **OWNER, confined=confined()).written
+
+    st = target.stat()
+    assert target.read_bytes() == TOKEN
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1000, 1000, 0o400)
+
+
+@needs_root
+@pytest.mark.parametrize("sticky", [True, False], ids=["sticky-tmp", "world-writable"])
+def test_a_file_of_another_uid_is_never_replaced(node: Node, sticky: bool) -> None:
+    node.at("/tmp").chmod(0o1777 if sticky else 0o777)
+    theirs = node.at("/tmp/oauthtk_1000")
+    theirs.write_bytes(b"uid 2000's file\n")
+    os.chown(theirs, 2000, 2000)
+    before = theirs.stat()
+
+    with pytest.raises(ForeignOwner, match="owned by uid 2000, not by the file's owner 1000"):
+        write_file(node.root, "/tmp/oauthtk_1000", TOKEN, **OWNER, confined=confined())
+
+    after = theirs.stat()
+    assert theirs.read_bytes() == b"uid 2000's file\n"
+    assert (after.st_ino, after.st_uid) == (before.st_ino, 2000)
+    assert node.temp_files() == []
+
+
+@needs_root
+def test_owner_zero_gets_no_capability_over_other_files(node: Node) -> None:
+    """uid 0 keeps its fsuid, so its capabilities are dropped explicitly: in a sticky
+    /tmp it cannot even create a temp file over... it just never replaces uid 2000's."""
+    theirs = node.at("/tmp/oauthtk_0")
+    theirs.write_bytes(b"uid 2000's file\n")
+    os.chown(theirs, 2000, 2000)
+    with pytest.raises(ForeignOwner):
+        write_file(node.root, "/tmp/oauthtk_0", TOKEN, uid=0, gid=0, confined=confined())
+    # A directory only uid 2000 may write: uid 0 without CAP_DAC_OVERRIDE may not either.
+    node.at("/tmp/theirs").mkdir(mode=0o755)
+    os.chown(node.at("/tmp/theirs"), 2000, 2000)
+    with pytest.raises(PermissionDenied, match="uid 0 may not write"):
+        write_file(node.root, "/tmp/theirs/oauthtk_0", TOKEN, uid=0, gid=0, confined=confined())
+    assert os.listdir(node.at("/tmp/theirs")) == []
+
+
+@needs_root
+def test_a_directory_the_owner_cannot_write_is_refused(node: Node) -> None:
+    with pytest.raises(PermissionDenied, match="uid 1000 may not write in its directory") as caught:
+        write_file(node.root, "/etc/oauthtk_1000", TOKEN, **OWNER, confined=confined())
+    assert caught.value.reason == "permission_denied"
+    assert sorted(os.listdir(node.at("/etc"))) == ["passwd", "shadow"]
+    # Root's own file there is not replaced either, whatever the prefix allowed.
+    with pytest.raises(ForeignOwner):
+        write_file(node.root, "/etc/passwd", TOKEN, **OWNER, confined=confined())
+    assert node.at("/etc/passwd").read_bytes() == b"root:x:0:0::/root:/bin/sh\n"
+    # Unconfined (the local role, trusted), the same call would have written it.
+    assert write_file(node.root, "/etc/oauthtk_1000", TOKEN, **OWNER).written
+
+
+@needs_root
+def test_a_directory_the_owner_cannot_search_is_refused(node: Node) -> None:
+    """A world-writable directory under one the owner cannot enter stays out of reach."""
+    node.at("/root/drop").mkdir(parents=True)
+    node.at("/root").chmod(0o700)
+    node.at("/root/drop").chmod(0o777)
+    with pytest.raises(PermissionDenied, match="uid 1000 may not search /root"):
+        write_file(node.root, "/root/drop/oauthtk_1000", TOKEN, **OWNER, confined=confined())
+    assert os.listdir(node.at("/root/drop")) == []
+
+
+@needs_root
+def test_a_file_bind_mounted_over_the_target_is_refused(node: Node, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"someone's file\n")
+    target = node.at("/tmp/oauthtk_0")
+    target.write_bytes(b"")
+    with mounted(target, "--bind", str(elsewhere)), pytest.raises(UnsafePath, match="mount point"):
+        write_file(node.root, "/tmp/oauthtk_0", TOKEN, **ME)
+    assert elsewhere.read_bytes() == b"someone's file\n"
+
+
+@needs_root
+def test_a_mount_missing_from_the_container_table_is_refused(node: Node) -> None:
+    """The container's table is the only one that says what is mounted where in it."""
+    with mounted(node.at("/tmp"), "-t", "tmpfs", "-o", "mode=1777", "tmpfs"):
+        empty = node.root.parent / "mountinfo-without-tmp"
+        empty.write_text("")
+        with pytest.raises(RefusedFilesystem, match="not in the container's mount table"):
+            write_file(
+                node.root, "/tmp/oauthtk_1000", TOKEN, **OWNER, confined=Confined(str(empty))
+            )
+        assert os.listdir(node.at("/tmp")) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        ("/tmp/oauthtk_1000", True),
+        ("/tmp/a/b/token", True),
+        ("/tmp//oauthtk_1000", True),
+        ("/tmpfoo/token", False),
+        ("/tmp/../etc/passwd", False),
+        ("/tmp/./../etc/passwd", False),
+        ("//etc/passwd", False),
+        ("/../tmp/token", True),
+        ("/etc/passwd", False),
+    ],
+)
+def test_path_prefixes_match_whole_components_after_normalisation(path: str, allowed: bool) -> None:
+    assert path_allowed(path, ("/tmp/",)) is allowed
+    assert path_allowed(path, ("/tmp",)) is allowed
+    assert path_allowed(path, ("/",))
+
+
+def test_mount_table_lines_are_unescaped_and_malformed_ones_skipped() -> None:
+    text = (
+        b"36 35 98:0 / /a\\040b rw - ext4 /dev/root rw\n"
+        b"37 36 0:40 / /a\\040b/c rw shared:3 - fuse.squashfuse x rw\n"
+        b"garbage\n"
+        b"x 36 0:41 / /d rw - tmpfs t rw\n"
+    )
+    assert [(m.id, m.parent, m.mountpoint, m.fstype) for m in _parse_mountinfo(text)] == [
+        (36, 35, "/a b", "ext4"),
+        (37, 36, "/a b/c", "fuse.squashfuse"),
+    ]
