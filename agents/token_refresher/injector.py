@@ -554,6 +554,9 @@ class Injector:
             waiting = [job for job in jobs if job.container_id in held]
             jobs = [job for job in jobs if job.container_id not in held]
             for job in waiting:
+                state = self._files.get(job.target.pod_uid, {}).get(job.target.key)
+                if state is not None and state.problem.startswith("write_timeout:"):
+                    continue  # this file's own write is the stuck one: said already
                 self._record(
                     job,
                     _Problem(

@@ -28,12 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 import agents.token_refresher.injector as injector_module
 from agents.token_refresher.cli import main
-from hack.autofs_world import wait_for
+from hack.autofs_world import make_image, wait_for
 from hack.containers import Container, ContainerWorld, new_pod_uid
+from tests.conftest import require_root_tools
 from tests.support.agent import AgentThread
 from tests.support.containers import build_init, container_world
 from tests.support.fake_kube import FakeKube
@@ -688,3 +690,276 @@ def test_with_the_controller_down_a_restarted_injector_writes_its_last_files(
         errors = "token_refresher_injector_controller_errors_total"
         wait_for(lambda: agent.value(errors, {"reason": "connection"}) >= 1, 5)
         assert agent.value("token_refresher_injector_snapshot_age_seconds") >= 0
+
+
+# -- 10. issue 11, point 5: no borrowed root ----------------------------------------------
+#
+# Files are written with the rights of the owner the pod names: the kernel's own
+# checks (directory permissions, the sticky bit) apply as to that user, a file of
+# another uid is never replaced, and only paths under the admin's prefixes are
+# written at all. In each case a neighbour's file still updates at once.
+
+PASSWD = "root:x:0:0:root:/root:/bin/sh\n"
+STUCK = "token_refresher_injector_stuck_writes"
+
+
+def refusals(kube: FakeKube, pod: str, *words: str) -> list[str]:
+    """Messages of the Warning Events about `pod` that hold every one of `words`."""
+    return [
+        e["message"]
+        for e in events(kube, "TokenInjectionFailed", pod)
+        if e["type"] == "Warning" and all(w in e["message"] for w in words)
+    ]
+
+
+def assert_updates_quickly(
+    cluster: Cluster, container: Container, token: str, path: str = "/tmp/oauthtk_1000"
+) -> float:
+    """A new token reaches `container`'s file as fast as ever (a neighbour's file)."""
+    cluster.kube.put(token_secret("tok", token))
+    took = wait_for(lambda: has(file_of(container, path), token.encode()), 5)
+    assert took < 2.0, f"the neighbour's update took {took:.2f}s"
+    return took
+
+
+def assert_no_token_in_events(kube: FakeKube, *tokens: str) -> None:
+    for event in events(kube):
+        assert not any(t in event["message"] for t in tokens), event["message"]
+
+
+def test_a_non_root_tenant_cannot_have_its_etc_passwd_replaced(cluster: Cluster) -> None:
+    kube = cluster.kube
+    kube.put(token_secret("tok"))
+    annotations = to_inject(entry(path="/etc/passwd"), entry(path="/etc/oauthtk_1000"))
+    (tenant,) = cluster.pod("tenant", annotations, dirs=("etc",))
+    passwd = tenant.path("/etc/passwd")
+    passwd.write_text(PASSWD)
+    before = passwd.stat()
+    (good,) = cluster.pod("good", to_inject(entry()))
+
+    # The default prefix, /tmp/: refused before anything is looked at.
+    with cluster.injector() as agent:
+        wait_for(lambda: has(file_of(good), b"at-1"), 10)
+        wait_for(lambda: agent.value(FAILURES, {"reason": "path_not_allowed"}) == 2, 5)
+        wait_for(lambda: len(refusals(kube, "tenant", "--allowed-path-prefixes")) == 2, 5)
+        for message in refusals(kube, "tenant"):
+            assert "outside the directories this node allows for token files (/tmp/" in message
+        assert_updates_quickly(cluster, good, "at-2")
+
+    # /etc/ allowed by the admin: still the owner's rights, and root's file is not uid 1000's.
+    with cluster.injector("--allowed-path-prefixes", "/tmp/,/etc/") as agent:
+        wait_for(lambda: agent.value(FAILURES, {"reason": "foreign_owner"}) == 1, 10)
+        wait_for(lambda: agent.value(FAILURES, {"reason": "permission_denied"}) == 1, 5)
+        wait_for(lambda: len(refusals(kube, "tenant")) == 4, 5)
+        assert refusals(kube, "tenant", "/etc/passwd", "owned by uid 0", "owner 1000")
+        assert refusals(kube, "tenant", "/etc/oauthtk_1000", "uid 1000 may not write")
+        assert_updates_quickly(cluster, good, "at-3")
+        assert agent.value(TICK_FAILURES) == 0
+
+    after = passwd.stat()
+    assert passwd.read_text() == PASSWD
+    assert (after.st_ino, after.st_mtime_ns, after.st_uid) == (
+        before.st_ino,
+        before.st_mtime_ns,
+        0,
+    )
+    assert sorted(os.listdir(tenant.path("/etc"))) == ["passwd"]
+    assert_no_token_in_events(kube, "at-1", "at-2", "at-3")
+
+
+def test_a_file_of_another_uid_in_a_sticky_tmp_is_not_replaced(cluster: Cluster) -> None:
+    kube = cluster.kube
+    kube.put(token_secret("tok"))
+    (tenant,) = cluster.pod("tenant", to_inject(entry()))  # /tmp/oauthtk_1000, owner 1000
+    theirs = file_of(tenant)
+    theirs.write_text("uid 2000's file\n")
+    os.chown(theirs, 2000, 2000)
+    before = theirs.stat()
+    (good,) = cluster.pod("good", to_inject(entry()))
+    with cluster.injector() as agent:
+        wait_for(lambda: agent.value(FAILURES, {"reason": "foreign_owner"}) == 1, 10)
+        wait_for(lambda: refusals(kube, "tenant", "owned by uid 2000", "never replaced"), 5)
+        assert has(file_of(good), b"at-1")
+        assert_updates_quickly(cluster, good, "at-2")
+        ticks = agent.value(TICKS)
+        wait_for(lambda: agent.value(TICKS) >= ticks + 5, 10)  # full passes: said once
+        assert len(refusals(kube, "tenant")) == 1
+    after = theirs.stat()
+    assert theirs.read_text() == "uid 2000's file\n"
+    assert (after.st_ino, after.st_uid, after.st_mtime_ns) == (
+        before.st_ino,
+        2000,
+        before.st_mtime_ns,
+    )
+    assert [n for n in os.listdir(tenant.path("/tmp")) if n != "oauthtk_1000"] == []
+
+
+def test_another_users_files_on_a_shared_volume_are_not_replaced(cluster: Cluster) -> None:
+    """One host directory mounted into two pods: uid 2000's pod and a tenant's."""
+    kube = cluster.kube
+    kube.put(token_secret("tok"))
+    volume = cluster.tmp / "shared-volume"
+    (volume / "drop").mkdir(parents=True)
+    volume.chmod(0o755)
+    (volume / "drop").chmod(0o777)  # world-writable, not sticky
+    for name in ("data", "drop/oauthtk_1000"):
+        (volume / name).write_text(f"uid 2000's {name}\n")
+        os.chown(volume / name, 2000, 2000)
+    for path in (volume, volume / "drop"):
+        os.chown(path, 2000, 2000)
+    shared = ("tmp/shared",)
+    (tenant,) = cluster.pod(
+        "tenant",
+        to_inject(
+            entry(path="/tmp/shared/data"),
+            entry(path="/tmp/shared/oauthtk_1000"),
+            entry(path="/tmp/shared/drop/oauthtk_1000"),
+        ),
+        dirs=shared,
+    )
+    (owner,) = cluster.pod(
+        "volume-owner", to_inject(entry(owner=2000, path="/tmp/shared/token")), dirs=shared
+    )
+    for container in (tenant, owner):
+        subprocess.run(
+            ["mount", "--bind", str(volume), str(container.path("/tmp/shared"))], check=True
+        )
+    before = {name: (volume / name).stat() for name in ("data", "drop/oauthtk_1000")}
+    try:
+        with cluster.injector() as agent:
+            # The volume's owner writes through the bind mount, with its own rights.
+            wait_for(lambda: has(volume / "token", b"at-1"), 10)
+            assert owner_and_mode(volume / "token") == (2000, 2000, 0o400)
+            wait_for(lambda: agent.value(FAILURES, {"reason": "foreign_owner"}) == 2, 5)
+            wait_for(lambda: agent.value(FAILURES, {"reason": "permission_denied"}) == 1, 5)
+            wait_for(lambda: len(refusals(kube, "tenant")) == 3, 5)
+            assert len(refusals(kube, "tenant", "owned by uid 2000")) == 2
+            assert refusals(kube, "tenant", "/tmp/shared/oauthtk_1000", "uid 1000 may not write")
+            took = assert_updates_quickly(cluster, owner, "at-2", "/tmp/shared/token")
+            print(f"the volume owner's update took {took:.3f}s")
+    finally:
+        for container in (tenant, owner):
+            subprocess.run(["umount", str(container.path("/tmp/shared"))], check=False)
+    for name, st in before.items():
+        assert (volume / name).read_text() == f"uid 2000's {name}\n"
+        assert (volume / name).stat().st_ino == st.st_ino
+    assert sorted(os.listdir(volume)) == ["data", "drop", "token"]
+    assert os.listdir(volume / "drop") == ["oauthtk_1000"]
+    assert_no_token_in_events(kube, "at-1", "at-2")
+
+
+# -- 11. issue 11, point 6: a FUSE mount whose daemon is stopped freezes nothing -----------
+
+
+def fuse_daemon(target: Path) -> psutil.Process:
+    """The squashfuse serving `target` (it daemonises: no child of ours)."""
+    for proc in psutil.process_iter(["cmdline"]):
+        if (proc.info.get("cmdline") or [])[-1:] == [str(target)]:
+            return proc
+    raise AssertionError(f"no FUSE daemon for {target}")
+
+
+def squashfuse_at(image: Path, target: Path) -> psutil.Process:
+    target.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["squashfuse", str(image), str(target)], check=True)
+    return fuse_daemon(target)
+
+
+@contextlib.contextmanager
+def resumed_at_exit(*daemons: psutil.Process) -> Iterator[None]:
+    """SIGCONT the daemons when the block ends (before the injector stops, when
+    entered after it: a stuck write of a broken injector must not hang the test)."""
+    try:
+        yield
+    finally:
+        for daemon in daemons:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                daemon.resume()
+
+
+def unmount(*targets: Path) -> None:
+    for target in targets:
+        subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
+
+
+def test_paths_into_a_stopped_fuse_mount_are_refused_without_asking_it(cluster: Cluster) -> None:
+    require_root_tools(autofs=False)
+    kube = cluster.kube
+    kube.put(token_secret("tok"))
+    image = make_image(cluster.tmp, "repo1")
+    (fuse_tmp,) = cluster.pod("fuse-tmp", to_inject(entry()))
+    (fuse_deeper,) = cluster.pod(
+        "fuse-deeper", to_inject(entry(path="/tmp/cvmfs/oauthtk_1000")), dirs=("tmp/cvmfs",)
+    )
+    (good,) = cluster.pod("good", to_inject(entry()))
+    targets = (fuse_tmp.path("/tmp"), fuse_deeper.path("/tmp/cvmfs"))
+    try:
+        daemons = [squashfuse_at(image, target) for target in targets]
+        for daemon in daemons:
+            daemon.suspend()  # a hung CVMFS, or the tenant's own stopped daemon
+        with cluster.injector() as agent, resumed_at_exit(*daemons):
+            took = wait_for(lambda: agent.value(FAILURES, {"reason": "refused_filesystem"}) == 2, 5)
+            assert took < 2.0, f"refusing took {took:.2f}s"
+            wait_for(lambda: has(file_of(good), b"at-1"), 5)
+            for pod, at in (("fuse-tmp", "/tmp"), ("fuse-deeper", "/tmp/cvmfs")):
+                wait_for(lambda pod=pod: refusals(kube, pod), 5)
+                (message,) = refusals(kube, pod)
+                assert f"{at} is on a fuse.squashfuse filesystem" in message
+                assert "FUSE and network filesystems are refused" in message
+            assert_updates_quickly(cluster, good, "at-2")
+            assert agent.value(STUCK) == 0
+            assert agent.value(FAILURES, {"reason": "write_timeout"}) == 0
+            # Nothing ever asked the daemons: no request waits on either connection.
+            for daemon in daemons:
+                assert daemon.status() == psutil.STATUS_STOPPED
+            assert agent.value(TICK_FAILURES) == 0
+    finally:
+        unmount(*targets)
+
+
+def test_a_write_stuck_in_the_kernel_is_abandoned_at_its_deadline(cluster: Cluster) -> None:
+    """overlayfs over a FUSE lower layer (a CVMFS-backed image) has type `overlay`, and
+    its lookups wait for the FUSE daemon: stopped, the write blocks in the kernel."""
+    require_root_tools(autofs=False)
+    kube = cluster.kube
+    kube.put(token_secret("tok"))
+    image = make_image(cluster.tmp, "repo1")
+    lower, upper = cluster.tmp / "lower", cluster.tmp / "upper"
+    (stuck,) = cluster.pod("overlay-tmp", to_inject(entry()))
+    (good,) = cluster.pod("good", to_inject(entry()))
+    merged = stuck.path("/tmp")
+    try:
+        daemon = squashfuse_at(image, lower)
+        upper.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(upper)], check=True)
+        (upper / "u").mkdir(mode=0o1777)
+        (upper / "u").chmod(0o1777)
+        (upper / "w").mkdir()
+        options = f"lowerdir={lower},upperdir={upper}/u,workdir={upper}/w"
+        subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", options, str(merged)], check=True
+        )
+        daemon.suspend()
+        with cluster.injector("--write-timeout", "1") as agent, resumed_at_exit(daemon):
+            wait_for(lambda: has(file_of(good), b"at-1"), 10)
+            took = wait_for(lambda: agent.value(FAILURES, {"reason": "write_timeout"}) == 1, 5)
+            wait_for(lambda: refusals(kube, "overlay-tmp", "did not finish within 1 s"), 5)
+            assert agent.value(STUCK) == 1
+            # The neighbour is served at its normal speed while the write is stuck.
+            assert_updates_quickly(cluster, good, "at-2")
+            # Full passes come and go: the stuck container takes no second thread.
+            ticks = agent.value(TICKS)
+            wait_for(lambda: agent.value(TICKS) >= ticks + 5, 10)
+            assert agent.value(STUCK) == 1
+            assert agent.value(FAILURES, {"reason": "write_timeout"}) == 1
+            assert len(refusals(kube, "overlay-tmp")) == 1
+            print(f"stuck write reported {took:.2f}s after the injector started")
+            # Once the filesystem answers, its thread comes back and the file is written.
+            daemon.resume()
+            wait_for(lambda: agent.value(STUCK) == 0, 5)
+            wait_for(lambda: has(file_of(stuck), b"at-2"), 5)
+            assert owner_and_mode(file_of(stuck)) == (1000, 1000, 0o400)
+            assert agent.value(TICK_FAILURES) == 0
+    finally:
+        unmount(merged, upper, lower)
+    assert_no_token_in_events(kube, "at-1", "at-2")
