@@ -963,3 +963,67 @@ def test_a_write_stuck_in_the_kernel_is_abandoned_at_its_deadline(cluster: Clust
     finally:
         unmount(merged, upper, lower)
     assert_no_token_in_events(kube, "at-1", "at-2")
+
+
+# -- 12. issue 11, point 1 (the injector's part): a surprise is one file's problem ---------
+
+
+def test_an_unencodable_path_fails_only_its_own_file(cluster: Cluster) -> None:
+    """A lone surrogate (`\\ud800`, plain ASCII in JSON) cannot be encoded for a syscall:
+    it once failed every pass of the node. Refused when parsed, or else contained."""
+    kube = cluster.kube
+    kube.put(token_secret("tok"))
+    annotations = {
+        f"{CERN}/to-inject": '[{"secretName": "tok", "container": "app", '
+        '"owner": 1000, "path": "/tmp/\\ud800"}]'
+    }
+    cluster.pod("surrogate", annotations)
+    (good,) = cluster.pod("good", to_inject(entry()))
+    with cluster.injector() as agent:
+        wait_for(lambda: has(file_of(good), b"at-1"), 10)
+        wait_for(lambda: [e for e in events(kube, pod="surrogate") if e["type"] == "Warning"], 5)
+        assert_updates_quickly(cluster, good, "at-2")
+        assert agent.value(TICK_FAILURES) == 0
+        contained = agent.value(FAILURES, {"reason": "internal"}) + agent.value(
+            FAILURES, {"reason": "bad_annotation"}
+        )
+        assert contained == 1
+
+
+def test_an_unexpected_exception_is_that_files_problem_reported_once(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in planning one file or in writing another (faults injected at the
+    injector's boundaries) fails those files only, each logged once with its traceback."""
+    real_write, real_allowed = injector_module.write_file, injector_module.path_allowed
+
+    def write_file(root: int, path: str, content: bytes, **kwargs: Any) -> Any:
+        if path == "/tmp/write-bug":
+            raise ValueError("a bug in writing")
+        return real_write(root, path, content, **kwargs)
+
+    def path_allowed(path: str, prefixes: Any) -> bool:
+        if path == "/tmp/plan-bug":
+            raise KeyError("a bug in planning")
+        return real_allowed(path, prefixes)
+
+    monkeypatch.setattr(injector_module, "write_file", write_file)
+    monkeypatch.setattr(injector_module, "path_allowed", path_allowed)
+    caplog.set_level(logging.WARNING, logger="agents.token_refresher")
+    kube = cluster.kube
+    kube.put(token_secret("tok"))
+    cluster.pod("buggy", to_inject(entry(path="/tmp/write-bug"), entry(path="/tmp/plan-bug")))
+    (good,) = cluster.pod("good", to_inject(entry()))
+    with cluster.injector() as agent:
+        wait_for(lambda: agent.value(FAILURES, {"reason": "internal"}) == 2, 10)
+        wait_for(lambda: len(refusals(kube, "buggy", "internal error")) == 2, 5)
+        assert has(file_of(good), b"at-1")
+        assert_updates_quickly(cluster, good, "at-2")
+        ticks = agent.value(TICKS)
+        wait_for(lambda: agent.value(TICKS) >= ticks + 5, 10)  # full passes: said once
+        assert agent.value(FAILURES, {"reason": "internal"}) == 2
+        assert agent.value(TICK_FAILURES) == 0
+    assert refusals(kube, "buggy", "while writing the file (ValueError)")
+    assert refusals(kube, "buggy", "while planning the file (KeyError)")
+    tracebacks = [r for r in caplog.records if r.exc_info and "buggy" in r.getMessage()]
+    assert sorted(type(r.exc_info[1]).__name__ for r in tracebacks) == ["KeyError", "ValueError"]
