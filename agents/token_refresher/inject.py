@@ -347,6 +347,11 @@ def _syscall() -> Callable[..., int]:
     return syscall
 
 
+@functools.cache
+def _machine() -> str:
+    return os.uname().machine
+
+
 class _OpenHow(ctypes.Structure):
     """struct open_how (include/uapi/linux/openat2.h)."""
 
@@ -569,9 +574,9 @@ class _MountTables:
         return self._confined.refused_fstypes
 
     def load(self) -> _MountTables:
-        """Read both tables now."""
+        """Read the container's table now (the fallback, /proc/self's, only if needed:
+        /proc/<pid>/mountinfo files are readable by every uid)."""
         self._table(self._confined.mountinfo)
-        self._table(self._confined.fallback_mountinfo)
         return self
 
     def by_id(self, mount_id: int) -> _Mount | None:
@@ -625,9 +630,9 @@ class _Credentials:
 
 def _raw(table: dict[str, int], *args: object) -> int:
     """A raw syscall by per-architecture number; OSError on failure."""
-    number = table.get(os.uname().machine)
+    number = table.get(_machine())
     if number is None:
-        raise OSError(errno.ENOSYS, f"syscall number unknown on {os.uname().machine}")
+        raise OSError(errno.ENOSYS, f"syscall number unknown on {_machine()}")
     result = _syscall()(ctypes.c_long(number), *args)
     if result == -1:
         err = ctypes.get_errno()
