@@ -951,8 +951,8 @@ POD_POLICY: dict[tuple[str, str], PodPolicy] = {
         service_account=SA_INJECTOR,
         run_as_user=0,
         host_namespaces={"hostPID": "/proc/<pid>/root and cgroup of other pods' processes"},
-        # ptrace-gated /proc/<pid>/root, chown/chmod/rename of the token file,
-        # writes into 0700 directories (injector.yaml says which is which).
+        # ptrace-gated /proc/<pid>/root; each write with the owner's fsuid/fsgid
+        # (injector.yaml says which is which).
         capabilities=frozenset(INJECTOR_CAPABILITIES),
     ),
     ("Deployment", "token-refresher-controller"): PodPolicy(

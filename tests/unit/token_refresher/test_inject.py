@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -625,3 +626,57 @@ def test_mount_table_lines_are_unescaped_and_malformed_ones_skipped() -> None:
         (36, 35, "/a b", "ext4"),
         (37, 36, "/a b/c", "fuse.squashfuse"),
     ]
+
+
+# The injector's manifest adds SYS_PTRACE, SETUID and SETGID to uid 0, nothing else.
+_WITH_THE_MANIFESTS_CAPABILITIES = r"""
+import json, sys
+from agents.token_refresher.inject import Confined, InjectError, write_file
+
+root = sys.argv[1]
+said = {}
+for path in ("/tmp/oauthtk_1000", "/home/oauthtk_1000"):
+    try:
+        said[path] = write_file(
+            root, path, b"token", uid=1000, gid=1000, confined=Confined("/proc/self/mountinfo")
+        ).written
+    except InjectError as err:
+        said[path] = err.reason
+print(json.dumps(said))
+"""
+
+
+@needs_root
+def test_the_manifests_capabilities_are_enough_for_a_confined_write(node: Node) -> None:
+    """setfsuid/setfsgid need CAP_SETUID/CAP_SETGID; nothing overrides file permissions."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("needs setpriv (util-linux)")
+    node.at("/home").mkdir()
+    node.at("/home").chmod(0o700)
+    node.at("/tmp/oauthtk_1000").write_bytes(b"old")
+    os.chown(node.at("/tmp/oauthtk_1000"), 1000, 1000)
+    child = subprocess.run(
+        [
+            setpriv,
+            "--inh-caps=-all",
+            "--bounding-set=-all,+sys_ptrace,+setuid,+setgid",
+            sys.executable,
+            "-c",
+            _WITH_THE_MANIFESTS_CAPABILITIES,
+            str(node.root),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(child.stdout) == {
+        "/tmp/oauthtk_1000": True,
+        "/home/oauthtk_1000": "permission_denied",
+    }
+    st = node.at("/tmp/oauthtk_1000").stat()
+    assert node.at("/tmp/oauthtk_1000").read_bytes() == b"token"
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1000, 1000, 0o400)
+    assert os.listdir(node.at("/home")) == []
