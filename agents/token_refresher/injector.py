@@ -17,7 +17,13 @@ A file is written into a container from the node, with no pods/exec:
   afterwards: if the process exited and its PID was reused, the check fails
   and nothing is written;
 - the file is written under that root by `inject.write_file`: symlink-safe,
-  atomic, and left alone when content, mode and owner are already right.
+  atomic, and left alone when content, mode and owner are already right;
+  confined, as a tenant's: with the owner's rights, never over another
+  uid's file, never into a FUSE or network filesystem;
+- only paths under `--allowed-path-prefixes` (default `/tmp/`) are written;
+- each write has a deadline (`--write-timeout`) that does not depend on the
+  kernel answering: a write stuck past it is reported and its thread left
+  behind (`_Writers`), so a hung filesystem holds that file only.
 A restarted container has a new container ID: its file is written again from
 the files kept, at once, without waiting for the controller.
 
@@ -27,9 +33,10 @@ container keeps its last token until that expires, and deleting a credential
 under a running job could break it for nothing.
 
 What cannot be done (a malformed annotation, a missing Secret or container,
-a bad template: the controller says so; a read-only or hostile filesystem)
-is logged, counted and reported once as a Warning Event on the pod, until it
-changes.
+a bad template: the controller says so; a read-only or hostile filesystem;
+an unexpected exception, reason `internal`) is logged, counted and reported
+once as a Warning Event on the pod, until it changes: it fails that file (or
+pod), never the pass.
 """
 
 from __future__ import annotations
@@ -546,7 +553,7 @@ class Injector:
         header = f"{injection.mode}:{injection.owner}:{injection.group}:".encode()
         return _Job(target, container_id, content, hashlib.sha256(header + content).digest())
 
-    # -- writing (a thread pool: fsync and the /proc walk dominate)
+    # -- writing (threads with a deadline per write: fsync and the /proc walk dominate)
 
     def _run(self, jobs: list[_Job]) -> None:
         if jobs:
