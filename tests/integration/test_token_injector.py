@@ -32,6 +32,7 @@ import psutil
 import pytest
 
 import agents.token_refresher.injector as injector_module
+from agents.mount_healer.mountinfo import read_mount_table
 from agents.token_refresher.cli import main
 from hack.autofs_world import make_image, wait_for
 from hack.containers import Container, ContainerWorld, new_pod_uid
@@ -859,6 +860,14 @@ def fuse_daemon(target: Path) -> psutil.Process:
     raise AssertionError(f"no FUSE daemon for {target}")
 
 
+def fuse_requests_waiting(target: Path) -> int:
+    """Requests the kernel sent the FUSE daemon at `target` that it has not answered
+    (fusectl's `waiting`; found through mountinfo: a stat of `target` would wait too)."""
+    mount = read_mount_table().top_at(str(target))
+    assert mount is not None and mount.is_fuse, target
+    return int(Path(f"/sys/fs/fuse/connections/{mount.minor}/waiting").read_text())
+
+
 def squashfuse_at(image: Path, target: Path) -> psutil.Process:
     target.mkdir(parents=True, exist_ok=True)
     subprocess.run(["squashfuse", str(image), str(target)], check=True)
@@ -910,8 +919,9 @@ def test_paths_into_a_stopped_fuse_mount_are_refused_without_asking_it(cluster: 
             assert agent.value(STUCK) == 0
             assert agent.value(FAILURES, {"reason": "write_timeout"}) == 0
             # Nothing ever asked the daemons: no request waits on either connection.
-            for daemon in daemons:
+            for daemon, target in zip(daemons, targets, strict=True):
                 assert daemon.status() == psutil.STATUS_STOPPED
+                assert fuse_requests_waiting(target) == 0
             assert agent.value(TICK_FAILURES) == 0
     finally:
         unmount(*targets)
@@ -945,6 +955,7 @@ def test_a_write_stuck_in_the_kernel_is_abandoned_at_its_deadline(cluster: Clust
             took = wait_for(lambda: agent.value(FAILURES, {"reason": "write_timeout"}) == 1, 5)
             wait_for(lambda: refusals(kube, "overlay-tmp", "did not finish within 1 s"), 5)
             assert agent.value(STUCK) == 1
+            assert fuse_requests_waiting(lower) >= 1  # the overlay's lookup, in the kernel
             # The neighbour is served at its normal speed while the write is stuck.
             assert_updates_quickly(cluster, good, "at-2")
             # Full passes come and go: the stuck container takes no second thread.
