@@ -139,6 +139,8 @@ def parse_to_inject(
         entries = json.loads(raw)
     except json.JSONDecodeError as err:
         raise SpecError(f"{TO_INJECT} is not valid JSON: {err.msg} at {err.pos}") from None
+    except RecursionError:
+        raise SpecError(f"{TO_INJECT} is nested too deeply to be a list of objects") from None
     if not isinstance(entries, list):
         raise SpecError(f"{TO_INJECT} must be a JSON list of objects")
     if len(entries) > max_entries:

@@ -22,6 +22,7 @@ from agents.token_refresher.controller import Controller
 from agents.token_refresher.fileserver import FileServer, Renderer, TemplateCache, WatchedSecrets
 from agents.token_refresher.metrics import ControllerMetrics, FilesMetrics
 from agents.token_refresher.nodeauth import NodeAuthenticator
+from agents.token_refresher.spec import MAX_FILE_BYTES
 from hack.autofs_world import wait_for
 from tests.support.fake_kube import FakeKube
 from tests.support.token_files import (
@@ -92,6 +93,7 @@ def _files(
     *,
     controller_config: ControllerConfig | None = None,
     start: bool = True,
+    max_file_bytes: int = MAX_FILE_BYTES,
 ) -> Iterator[Files]:
     registry = CollectorRegistry()
     metrics = FilesMetrics(registry)
@@ -107,6 +109,7 @@ def _files(
         secrets,
         TemplateCache(api, refresh=config.template_refresh),
         secret_selector=controller.config.secret_selector,
+        max_file_bytes=max_file_bytes,
     )
     certs = make_certs()
     server = FileServer(
@@ -629,7 +632,10 @@ def test_a_stream_ends_cleanly_after_its_lifetime(kube: FakeKube, api: Any, tmp_
 def test_a_client_that_does_not_read_holds_no_one_else(
     kube: FakeKube, api: Any, tmp_path: Path
 ) -> None:
-    gen = _files(kube, api, tmp_path, replace(FAST, send_timeout=0.5, heartbeat=5.0))
+    # Files over the cap: the stuck client's socket buffers must fill.
+    gen = _files(
+        kube, api, tmp_path, replace(FAST, send_timeout=0.5, heartbeat=5.0), max_file_bytes=4 << 20
+    )
     files = next(gen)
     try:
         put_token_secret(kube, "tok", "apps", access_token("x"))
