@@ -1034,12 +1034,14 @@ class FileClient:
     def _keep(self, snapshot: Snapshot, *, save: bool) -> None:
         with self._lock:
             self._kept = snapshot
-        if save:
-            self._save_state(snapshot)
         try:
             self._on_files()
         except Exception:
             log.exception("on_files failed")
+        if save:
+            # After the injector was told: with a node's files at the limit the
+            # state file is 21 MB and its fsync must not delay every write.
+            self._save_state(snapshot)
 
     def _save_state(self, snapshot: Snapshot) -> None:
         path = self.config.state_file

@@ -330,6 +330,23 @@ class PlannedPod:
     secrets: set[Key] = field(default_factory=set)
     templates: set[Key] = field(default_factory=set)
 
+    def inputs(self) -> Hashable:
+        """Everything the rendered pod depends on: equal inputs, equal line. A
+        neighbour's change then costs this pod no render (16 files of 64 KiB)."""
+        return (
+            self.pod.resource_version,
+            self.pod.phase,
+            json.dumps(self.wire["problem"], sort_keys=True),
+            tuple(
+                (
+                    json.dumps(f.wire, sort_keys=True),
+                    None if f.parsed is None else (f.parsed.uid, f.parsed.resource_version),
+                    f.template,
+                )
+                for f in self.files
+            ),
+        )
+
 
 class Renderer:
     """Renders the files of verified pods, one file at a time; thread-safe.
@@ -651,6 +668,8 @@ class _Stream:
     digest: bytes = b""
     pod_digests: dict[str, bytes] = field(default_factory=dict)
     """Protocol 2: the digest of each pod's line as last sent on this stream."""
+    pod_inputs: dict[str, Hashable] = field(default_factory=dict)
+    """Protocol 2: what each pod's line was rendered from (`PlannedPod.inputs`)."""
 
 
 class _RequestError(Exception):
@@ -1040,7 +1059,14 @@ class FileServer:
         of 64 KiB), so neither side ever holds a node's files as one string."""
         sent = False
         digests: dict[str, bytes] = {}
+        inputs: dict[str, Hashable] = {}
         for pod in planned:
+            uid = pod.pod.uid
+            inputs[uid] = pod.inputs()
+            if stream.pod_inputs.get(uid) == inputs[uid] and uid in stream.pod_digests:
+                # Rendering is a function of these: the line would be the one sent.
+                digests[uid] = stream.pod_digests[uid]
+                continue
             with self.budget.hold(sum(f.size for f in pod.files)):
                 line = json.dumps(
                     {"type": "pod", "pod": self.renderer.render(pod)},
@@ -1060,7 +1086,7 @@ class FileServer:
             "refused": [r.wire() for r in stream.refused],
         }
         digest = hashlib.sha256(json.dumps(commit, sort_keys=True).encode()).digest()
-        stream.pod_digests = digests
+        stream.pod_digests, stream.pod_inputs = digests, inputs
         if not sent and digest == stream.digest:
             return False
         stream.digest = digest

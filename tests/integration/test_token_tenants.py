@@ -40,6 +40,7 @@ from tests.integration.test_token_injector import (
 )
 from tests.support.containers import build_init, container_world
 from tests.support.fake_kube import FakeKube
+from tests.support.memcg import MI, agent_in_memcg
 from tests.support.rbac import bundle_rbac
 from tests.support.tokens import token_secret_object
 
@@ -340,3 +341,123 @@ def test_a_pod_whose_every_file_fails_posts_a_burst_of_events_then_is_counted(
         assert len(warnings(cluster, NS, "all-failing")) == 5  # the recorder's burst
         assert neighbour.update() < NORMAL_UPDATE
     scan_for_secrets(cluster, secrets, logs)
+
+
+# -- point 2: files at the caps, on one node, within the manifests' memory limits ---------
+
+MANIFESTS = Path(__file__).resolve().parents[2] / "manifests" / "token-refresher"
+
+
+def manifest_memory_limit(name: str) -> int:
+    """The memory limit of the agent's container in its manifest (bytes)."""
+    import yaml
+
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+    for doc in yaml.safe_load_all((MANIFESTS / f"{name}.yaml").read_text()):
+        if not doc or doc.get("kind") not in ("Deployment", "DaemonSet"):
+            continue
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            limit = str(container["resources"]["limits"]["memory"])
+            return int(limit[:-2]) * units[limit[-2:]]
+    raise AssertionError(f"no memory limit in {name}.yaml")
+
+
+def random_token(size: int) -> str:
+    import secrets as random_secrets
+
+    return random_secrets.token_urlsafe(size)[:size]
+
+
+def test_files_at_the_caps_on_one_node_stay_within_the_agents_memory_limits(
+    cluster: Cluster, secrets: Secrets, tmp_path: Path
+) -> None:
+    """The attack of issue 11 point 2 (a 600 kB token, a template of 400 of it) and
+    one tenant with 24 pods of 16 files at the 64 KiB cap on one node (24 MB asked):
+    the controller (768Mi) and the injector (192Mi), each a process in a memory
+    cgroup with its manifest's limit, stay alive and under it; the tenant is told
+    which limit it hit; the neighbour's file updates in its normal time."""
+    kube = cluster.kube
+    controller_limit = manifest_memory_limit("controller")
+    injector_limit = manifest_memory_limit("injector")
+    assert (controller_limit, injector_limit) == (768 * MI, 192 * MI)
+    neighbour = Neighbour(cluster, secrets)
+    controller_argv = cluster.controller_argv()
+    injector_argv = cluster.argv()
+    with (
+        agent_in_memcg(
+            controller_argv, controller_limit, name="controller", log=tmp_path / "controller.log"
+        ) as controller,
+    ):
+        wait_for(lambda: kube.get("configmaps", AGENTS_NS, "token-refresher-ca"), 30)
+        wait_for(cluster._files_listening, 30)
+        with agent_in_memcg(
+            injector_argv, injector_limit, name="injector", log=tmp_path / "injector.log"
+        ) as injector:
+            neighbour.served(30)
+            before = [neighbour.update() for _ in range(3)]
+            injector.sample()
+            idle = (injector.cgroup.peak / MI, injector.rss_peak / MI)
+
+            # The attack: issue 11's 600 kB token times 400, and 24 pods at the caps.
+            kube.put(secrets.secret("huge", random_token(600_000), namespace=NS))
+            kube.put(template_map("times-400", "$(ACCESS_TOKEN)" * 400))
+            kube.put(template_map("times-16", "$(ACCESS_TOKEN)" * 16))
+            pod_in(
+                cluster,
+                NS,
+                "huge",
+                to_inject(
+                    entry("huge", templateConfigMapName="times-400"),
+                    entry("huge", path="/tmp/plain"),
+                ),
+            )
+            kube.put(secrets.secret("max", random_token(4000), namespace=NS))
+            at_caps = [
+                entry("max", path=f"/tmp/f{i:02d}", templateConfigMapName="times-16")
+                for i in range(16)
+            ]
+            greedy = [
+                pod_in(cluster, NS, f"greedy-{i:02d}", to_inject(*at_caps)) for i in range(24)
+            ]
+
+            def told(words: str) -> bool:
+                return any(words in e["message"] for e in warnings(cluster, NS))
+
+            wait_for(lambda: told("expands 400 variables, over the limit of 16"), 60)
+            wait_for(lambda: told("600000 bytes, over the limit of 65536 bytes"), 10)
+            wait_for(lambda: told(f"of the node's limit of {16 << 20} bytes"), 30)
+
+            def written() -> int:
+                return sum(
+                    1 for c in greedy for i in range(16) if file_of(c, f"/tmp/f{i:02d}").exists()
+                )
+
+            wait_for(lambda: written() == (16 << 20) // 64_000, 60)
+            during = [neighbour.update() for _ in range(3)]
+            # The tenant changes its token: the whole node's 16 MiB again, pod by pod.
+            kube.put(secrets.secret("max", new := random_token(4000), namespace=NS))
+            wait_for(lambda: has(file_of(greedy[0], "/tmp/f00"), new.encode() * 16), 60)
+            after_change = neighbour.update()
+            for agent in (controller, injector):
+                agent.sample()
+                assert agent.alive, agent.log_text()[-2000:]
+            figures = {
+                name: (agent.cgroup.peak / MI, agent.rss_peak / MI, agent.cgroup.oom_kills)
+                for name, agent in (("controller", controller), ("injector", injector))
+            }
+            anon, cache = injector.cgroup.anon_and_file
+            hits = injector.cgroup.limit_hits
+    print(
+        "peak MiB (cgroup, VmHWM), OOM kills:",
+        {k: f"{c:.0f} / {r:.0f} / {o}" for k, (c, r, o) in figures.items()},
+        f"neighbour update before {max(before):.3f}s, at the caps {max(during):.3f}s, "
+        f"after the tenant's change {after_change:.3f}s",
+        f"injector before the attack {idle[0]:.0f} / {idle[1]:.0f} MiB, at the end "
+        f"anon {anon / MI:.0f} MiB + page cache {cache / MI:.0f} MiB, limit hits {hits}",
+    )
+    assert figures["controller"][2] == 0 and figures["injector"][2] == 0
+    assert figures["controller"][0] * MI < controller_limit
+    assert figures["injector"][0] * MI < injector_limit
+    assert max(during) < NORMAL_UPDATE and after_change < NORMAL_UPDATE
+    logs = (controller.log_text() + injector.log_text()).splitlines()
+    assert secrets.assert_not_in([*event_texts(cluster), *logs]) > len(logs)

@@ -108,6 +108,15 @@ class MemoryCgroup:
         return self._keyed(name).get("oom_kill", 0)
 
     @property
+    def anon_and_file(self) -> tuple[int, int]:
+        """(anonymous memory, page cache) charged now: the cache is reclaimable, and
+        the files an agent writes (and its state file) are charged to it."""
+        stat = self._keyed("memory.stat")
+        if self.version == 1:
+            return stat.get("total_rss", 0), stat.get("total_cache", 0)
+        return stat.get("anon", 0), stat.get("file", 0)
+
+    @property
     def limit_hits(self) -> int:
         """v1: times usage hit the limit (reclaim ran); v2: `max` events."""
         if self.version == 1:
