@@ -21,6 +21,8 @@ a heartbeat every 10 s.
   vanished without a FIN is noticed.
 - A change of the claims (a pod added, removed or changed) closes the stream
   and opens a new one with the new body, debounced.
+- Protocol 2 is asked for (a line per pod, then a `commit` line: fileserver.py);
+  an older controller's protocol 1 (one `snapshot` line per node) is read too.
 
 The files kept are the merge of the snapshots received: a file delivered with
 an older stamp (token expiry, Secret resourceVersion) than the one kept is

@@ -8,6 +8,22 @@ NDJSON lines, chunked: a snapshot of every file at once, another whenever
 the result changes, a heartbeat after 10 s of silence; the server ends the
 stream after about 300 s.
 
+Framing, versioned: the request body's `protocol` (absent: 1) asks, the
+answer is in the newest both speak (header `X-Token-Files-Protocol`).
+1: one `snapshot` line holds the node. 2: a `pod` line per pod whose line
+changed since the last on this stream, then a `commit` line naming the
+snapshot's pods by UID (the others as last sent), with its revision and the
+refused claims. A line then holds one pod (16 files of 64 KiB at most), not
+the node: neither side ever holds a node's files as one string.
+
+What a tenant writes is capped (spec.py: the annotation, entries, templates,
+expansions, the file, all sized before anything is expanded) and so is what
+a node gets: `max_node_bytes` (16 MiB) per stream, shared max-min fairly
+between the namespaces of its pods, the files over a namespace's share
+refused as `node_limit`; rendered bytes not yet sent, over all streams, wait
+for room in a `RenderBudget` (32 MiB), so that many streams re-rendering at
+once (a tenant's Secret used on every node) cannot add up.
+
 Rendering is the injector's of old, moved here: the pod's `to-inject`
 annotation as read from the API, the token Secret from the controller's own
 Secret watch (the pod's namespace only; a Secret the controller does not
