@@ -103,6 +103,9 @@ _DONE_PHASES = ("Succeeded", "Failed")
 MIN_SCANNED_SECRET = 8
 # How often the template re-reader looks for due templates, at most.
 TEMPLATE_POLL = 1.0
+MAX_TEMPLATES_PER_NAMESPACE = 64
+"""Template ConfigMaps one namespace may use at once (each is re-read every 30 s
+while used: 64 are about 2 GETs a second)."""
 # Render failures logged with their traceback, remembered so each is logged once.
 LOGGED_INTERNAL = 4096
 MAX_NODE_BYTES = 16 << 20
@@ -189,6 +192,7 @@ class TemplateCache:
         refresh: float = 30.0,
         request_timeout: float = 10.0,
         max_template_bytes: int = MAX_TEMPLATE_BYTES,
+        max_per_namespace: int = MAX_TEMPLATES_PER_NAMESPACE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         from kubernetes import client
@@ -196,6 +200,10 @@ class TemplateCache:
         self._core: Any = client.CoreV1Api(api_client)
         self.max_template_bytes = max_template_bytes
         """Longer templates are refused (the template text is kept here while in use)."""
+        self.max_per_namespace = max_per_namespace
+        """Templates read for one namespace at most: each in use is read again every
+        `refresh` s, and one tenant's many names must not flood the API server."""
+        self._per_namespace: dict[str, int] = {}
         self._refresh = refresh
         self._timeout = request_timeout
         self._clock = clock
@@ -205,12 +213,20 @@ class TemplateCache:
         """ConfigMap GETs made so far."""
 
     def template(self, namespace: str, name: str) -> str:
-        """The template text; FileProblem("bad_template") when there is none."""
+        """The template text; FileProblem("bad_template") when there is none, or
+        when the namespace already has `max_per_namespace` templates here."""
         key = (namespace, name)
         with self._lock:
             entry = self._entries.get(key)
             reader = entry is None
             if entry is None:
+                if self._per_namespace.get(namespace, 0) >= self.max_per_namespace:
+                    raise FileProblem(
+                        "bad_template",
+                        f"namespace {namespace} uses more than {self.max_per_namespace} "
+                        f"template ConfigMaps (the limit): {name} is not read",
+                    )
+                self._per_namespace[namespace] = self._per_namespace.get(namespace, 0) + 1
                 entry = self._entries[key] = _Template()
         if reader:
             try:
@@ -259,6 +275,9 @@ class TemplateCache:
                 if not e.users and e.loaded.is_set() and now - e.read_at >= self._refresh
             ]:
                 del self._entries[key]  # read for a stream that never used it
+                self._per_namespace[key[0]] -= 1
+                if not self._per_namespace[key[0]]:
+                    del self._per_namespace[key[0]]
             due = [
                 (k, e)
                 for k, e in self._entries.items()

@@ -20,6 +20,7 @@ from agents.token_refresher.claims import ClaimVerifier
 from agents.token_refresher.config import ControllerConfig, FilesConfig
 from agents.token_refresher.controller import Controller
 from agents.token_refresher.fileserver import (
+    FileProblem,
     FileServer,
     Renderer,
     TemplateCache,
@@ -788,3 +789,28 @@ def test_an_unexpected_error_is_that_files_problem_logged_once(
     tracebacks = [r for r in caplog.records if r.exc_info and "rendering failed" in r.getMessage()]
     assert len(tracebacks) == 1
     assert "a bug nobody foresaw" in caplog.text
+
+
+def test_a_namespace_gets_a_bounded_number_of_templates_each_read_once(
+    kube: FakeKube, api: Any
+) -> None:
+    """Each template in use is re-read every 30 s: a tenant naming thousands would be
+    thousands of GETs every 30 s."""
+    for name in ("a", "b", "c"):
+        kube.put(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": name, "namespace": "apps"},
+                "data": {"template": f"{name}:$(ACCESS_TOKEN)"},
+            }
+        )
+    cache = TemplateCache(api, max_per_namespace=2)
+    for _ in range(3):
+        assert cache.template("apps", "a") == "a:$(ACCESS_TOKEN)"
+        assert cache.template("apps", "b") == "b:$(ACCESS_TOKEN)"
+    with pytest.raises(FileProblem, match="namespace apps uses more than 2 template ConfigMaps"):
+        cache.template("apps", "c")
+    with pytest.raises(FileProblem, match="template ConfigMap c not found"):
+        cache.template("other", "c")  # another namespace has its own
+    assert cache.reads == 3
