@@ -12,6 +12,7 @@ import os
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -178,13 +179,36 @@ class EventRecorder:
 
     Events about cluster-scoped objects (Nodes) go to the `default` namespace,
     as the kubelet does.
+
+    Rate-limited per involved object and reason, as client-go's
+    EventSourceObjectSpamFilter does per object (a token bucket: burst 25, then
+    one per 5 minutes): `burst` at once, then one per `interval`. What a tenant
+    writes decides how often an agent would report it (thousands of entries,
+    a problem on every pass); without the limit, the API server gets one
+    Event each and everyone's requests slow down. Suppressed Events are
+    counted (`suppressed`, `on_suppressed`) and the next one posted carries
+    their number in `count`.
     """
 
     def __init__(
-        self, api_client: Any, component: str, host: str = "", clock: Any = time.time
+        self,
+        api_client: Any,
+        component: str,
+        host: str = "",
+        clock: Any = time.time,
+        *,
+        interval: float = 300.0,
+        burst: int = 5,
+        max_objects: int = 10_000,
+        on_suppressed: Callable[[str], None] = lambda reason: None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         from kubernetes import client
 
+        if interval <= 0 or burst < 1:
+            raise ValueError(
+                f"Event rate limit needs interval > 0 and burst >= 1, got {interval}, {burst}"
+            )
         # Any: the client takes plain dicts as bodies, its annotations say models.
         self._api: Any = client.CoreV1Api(api_client)
         self.component = component
@@ -192,8 +216,56 @@ class EventRecorder:
         self._clock = clock
         self._reachability = reachability(api_client)
         self.failures = 0
+        self.interval = interval
+        self.burst = burst
+        self._max_objects = max_objects
+        self._on_suppressed = on_suppressed
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        # (object, reason) -> [tokens, when counted, suppressed since the last post];
+        # least recently used first, so the oldest go when there are too many.
+        self._buckets: OrderedDict[tuple[str, ...], list[float]] = OrderedDict()
+        self.suppressed = 0
+        """Events not posted because of the rate limit."""
+
+    def _admit(self, key: tuple[str, ...]) -> int | None:
+        """The Event's count (1 + those suppressed since the last one), None: suppressed."""
+        now = self._monotonic()
+        with self._lock:
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                bucket = self._buckets[key] = [float(self.burst), now, 0.0]
+                while len(self._buckets) > self._max_objects:
+                    self._buckets.popitem(last=False)
+            self._buckets.move_to_end(key)
+            tokens, then, suppressed = bucket
+            tokens = min(float(self.burst), tokens + (now - then) / self.interval)
+            if tokens < 1.0:
+                bucket[:] = [tokens, now, suppressed + 1]
+                self.suppressed += 1
+                return None
+            bucket[:] = [tokens - 1.0, now, 0.0]
+            return 1 + int(suppressed)
+
+    def _refund(self, key: tuple[str, ...], count: int) -> None:
+        """A post that failed reached no one: it does not use up the limit."""
+        with self._lock:
+            bucket = self._buckets.get(key)
+            if bucket is not None:
+                bucket[0] = min(float(self.burst), bucket[0] + 1.0)
+                bucket[2] += count - 1
 
     def emit(self, ref: ObjectRef, type_: str, reason: str, message: str) -> bool:
+        """Post the Event; False when it failed or was suppressed by the rate limit."""
+        key = (ref.kind, ref.namespace, ref.name, ref.uid, reason)
+        count = self._admit(key)
+        if count is None:
+            log.debug("Event %s on %s/%s suppressed (rate limit)", reason, ref.kind, ref.name)
+            try:
+                self._on_suppressed(reason)
+            except Exception:
+                log.exception("counting a suppressed Event failed")
+            return False
         namespace = ref.namespace or "default"
         now = datetime.fromtimestamp(self._clock(), UTC)
         stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -219,11 +291,12 @@ class EventRecorder:
             "reportingInstance": self.host or self.component,
             "firstTimestamp": stamp,
             "lastTimestamp": stamp,
-            "count": 1,
+            "count": count,
         }
         try:
             self._api.create_namespaced_event(namespace, body, _request_timeout=10)
         except Exception as err:
+            self._refund(key, count)
             self.failures += 1
             if not self._reachability.failed("post an Event", err):
                 log.warning("cannot post Event %s on %s/%s: %s", reason, ref.kind, ref.name, err)

@@ -13,7 +13,8 @@ TICK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 
 
 class LoopMetrics:
-    """Ticks, failed ticks, tick duration, last success, build info, up."""
+    """Ticks, failed ticks, tick duration, last success, build info, up; and the
+    Events the agent's EventRecorder suppressed (its `on_suppressed`)."""
 
     def __init__(self, registry: CollectorRegistry, prefix: str, version: str) -> None:
         self.ticks = Counter(f"{prefix}_ticks", "Ticks (passes) run.", registry=registry)
@@ -38,4 +39,14 @@ class LoopMetrics:
             "1 when the agent's sources of truth are usable, 0 when it runs blind.",
             registry=registry,
         )
+        self.events_suppressed = Counter(
+            f"{prefix}_events_suppressed",
+            "Events not posted: as many about the same object and reason were posted "
+            "within the rate limit's interval.",
+            registry=registry,
+        )
         Info(f"{prefix}_build", "Agent version.", registry=registry).info({"version": version})
+
+    def event_suppressed(self, reason: str) -> None:
+        """EventRecorder's `on_suppressed`."""
+        self.events_suppressed.inc()

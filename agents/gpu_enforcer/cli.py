@@ -288,7 +288,7 @@ def main(
         api, cache = kube
         pods = KubePods(api, cache, config.node_name)
         evictor = KubeEvictor(api)
-        notify = _pod_notifier(api, config.node_name)
+        notify = _pod_notifier(api, config.node_name, loop_metrics)
     enforcer = Enforcer(
         config, nvml=nvml or Nvml(), pods=pods, metrics=metrics, evictor=evictor, notify=notify
     )
@@ -369,8 +369,8 @@ def _kube(config: EnforcerConfig, local: bool) -> tuple[Any, Any] | None:
     return api, cache
 
 
-def _pod_notifier(api: Any, node_name: str) -> Notify:
-    recorder = EventRecorder(api, PROG, host=node_name)
+def _pod_notifier(api: Any, node_name: str, loop_metrics: LoopMetrics) -> Notify:
+    recorder = EventRecorder(api, PROG, host=node_name, on_suppressed=loop_metrics.event_suppressed)
 
     def notify(pod: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         meta = pod.get("metadata", {})

@@ -163,14 +163,14 @@ def main(
     log.info("%s %s starting with %s", PROG, __version__, json.dumps(redacted(config), default=str))
     out = stdout or sys.stdout
 
+    registry = registry or CollectorRegistry()
+    loop_metrics = LoopMetrics(registry, PREFIX, __version__)
     try:
-        notify = _event_notifier(config)
+        notify = _event_notifier(config, loop_metrics)
     except KubeConfigError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
 
-    registry = registry or CollectorRegistry()
-    loop_metrics = LoopMetrics(registry, PREFIX, __version__)
     metrics = HealerMetrics(registry)
     prober = Prober(config.probe_timeout)
     healer = Healer(
@@ -247,7 +247,7 @@ def main(
     return 0
 
 
-def _event_notifier(config: HealerConfig) -> Notify | None:
+def _event_notifier(config: HealerConfig, loop_metrics: LoopMetrics) -> Notify | None:
     """Events go on the Node the healer runs on, when a cluster and a node name are known."""
     if not config.node_name:
         return None
@@ -255,7 +255,9 @@ def _event_notifier(config: HealerConfig) -> Notify | None:
     if api is None:
         log.info("no Kubernetes config found: local mode, no Events")
         return None
-    recorder = EventRecorder(api, PROG, host=config.node_name)
+    recorder = EventRecorder(
+        api, PROG, host=config.node_name, on_suppressed=loop_metrics.event_suppressed
+    )
     node = ObjectRef(kind="Node", name=config.node_name, uid=config.node_name)
 
     def notify(type_: str, reason: str, message: str) -> None:

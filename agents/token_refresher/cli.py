@@ -729,7 +729,12 @@ def _controller(
         ),
         metrics=metrics,
         elector=elector,
-        recorder=EventRecorder(api_client, COMPONENT, config.lease.identity),
+        recorder=EventRecorder(
+            api_client,
+            COMPONENT,
+            config.lease.identity,
+            on_suppressed=run.loop_metrics.event_suppressed,
+        ),
     )
     heartbeat = Heartbeat(max_age=3 * args.interval + 2 * idp.request_timeout + 30)
     files: FileService | None = None
@@ -851,7 +856,9 @@ def _injector(
         api_client,
         config,
         metrics=InjectorMetrics(run.registry),
-        recorder=EventRecorder(api_client, COMPONENT, config.node_name),
+        recorder=EventRecorder(
+            api_client, COMPONENT, config.node_name, on_suppressed=run.loop_metrics.event_suppressed
+        ),
     )
     heartbeat = Heartbeat(max_age=3 * args.interval + 60)
 

@@ -21,6 +21,8 @@ a heartbeat every 10 s.
   vanished without a FIN is noticed.
 - A change of the claims (a pod added, removed or changed) closes the stream
   and opens a new one with the new body, debounced.
+- Protocol 2 is asked for (a line per pod, then a `commit` line: fileserver.py);
+  an older controller's protocol 1 (one `snapshot` line per node) is read too.
 
 The files kept are the merge of the snapshots received: a file delivered with
 an older stamp (token expiry, Secret resourceVersion) than the one kept is
@@ -46,7 +48,7 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -63,7 +65,10 @@ PATH = "/v1/files"
 MAX_CLAIMS = 1024
 """The server refuses more (413; FilesConfig.max_pods): beyond any node's pod limit."""
 MAX_LINE = 64 << 20
-"""Longest NDJSON line read: 500 files of a few KiB each fit many times."""
+"""Longest NDJSON line read. In protocol 2 a line holds one pod (at most 16 files of
+64 KiB, about 1.4 MB); protocol 1 (an older controller) sends the node in one."""
+PROTOCOL = 2
+"""The wire protocol asked for (the controller answers in the newest both speak)."""
 MAX_ERROR_BODY = 64 << 10
 STATE_VERSION = 1
 _DONE_PHASES = ("Succeeded", "Failed")
@@ -263,20 +268,29 @@ def parse_snapshot(obj: Any, node: str) -> Snapshot:
         raise ProtocolError(f"a snapshot for node {sent_for!r}; this is {node!r}")
     pods: dict[str, DeliveredPod] = {}
     for i, pod in enumerate(_get(obj, "pods", list, "snapshot")):
-        where = f"pods[{i}]"
-        if not isinstance(pod, dict):
-            raise ProtocolError(f"{where} is not an object")
-        uid = _get(pod, "uid", str, where)
-        files = tuple(_file(f, f"{where}.files[{j}]") for j, f in enumerate(pod.get("files") or []))
-        pods[uid] = DeliveredPod(
-            uid=uid,
-            namespace=_get(pod, "namespace", str, where),
-            name=_get(pod, "name", str, where),
-            resource_version=str(pod.get("resourceVersion") or ""),
-            problem=_problem(pod.get("problem"), where),
-            files=files,
-        )
-    refused = tuple(
+        delivered = parse_pod(pod, f"pods[{i}]")
+        pods[delivered.uid] = delivered
+    return Snapshot(node, _get(obj, "revision", int, "snapshot"), pods, _refused(obj))
+
+
+def parse_pod(pod: Any, where: str = "pod") -> DeliveredPod:
+    """One pod of a snapshot (protocol 1) or a `pod` line (protocol 2)."""
+    if not isinstance(pod, dict):
+        raise ProtocolError(f"{where} is not an object")
+    uid = _get(pod, "uid", str, where)
+    files = tuple(_file(f, f"{where}.files[{j}]") for j, f in enumerate(pod.get("files") or []))
+    return DeliveredPod(
+        uid=uid,
+        namespace=_get(pod, "namespace", str, where),
+        name=_get(pod, "name", str, where),
+        resource_version=str(pod.get("resourceVersion") or ""),
+        problem=_problem(pod.get("problem"), where),
+        files=files,
+    )
+
+
+def _refused(obj: Mapping[str, Any]) -> tuple[Refusal, ...]:
+    return tuple(
         Refusal(
             str(r.get("namespace", "")),
             str(r.get("name", "")),
@@ -287,7 +301,36 @@ def parse_snapshot(obj: Any, node: str) -> Snapshot:
         for r in obj.get("refused") or []
         if isinstance(r, dict)
     )
-    return Snapshot(node, _get(obj, "revision", int, "snapshot"), pods, refused)
+
+
+class Assembly:
+    """Protocol 2 on one stream: `pod` lines are kept until a `commit` line names
+    the snapshot's pods (each as last sent on this stream)."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self._staged: dict[str, DeliveredPod] = {}
+        self._committed: dict[str, DeliveredPod] = {}
+
+    def pod(self, obj: Mapping[str, Any]) -> None:
+        pod = parse_pod(obj.get("pod"))
+        self._staged[pod.uid] = pod
+
+    def commit(self, obj: Mapping[str, Any]) -> Snapshot:
+        sent_for = _get(obj, "node", str, "commit")
+        if sent_for != self.node:
+            raise ProtocolError(f"a snapshot for node {sent_for!r}; this is {self.node!r}")
+        pods: dict[str, DeliveredPod] = {}
+        for uid in _get(obj, "pods", list, "commit"):
+            if not isinstance(uid, str):
+                raise ProtocolError("commit: pods must be pod UIDs")
+            pod = self._staged.get(uid) or self._committed.get(uid)
+            if pod is None:
+                raise ProtocolError(f"commit: pod {uid!r} was never sent")
+            pods[uid] = pod
+        self._staged.clear()
+        self._committed = pods
+        return Snapshot(self.node, _get(obj, "revision", int, "commit"), pods, _refused(obj))
 
 
 def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
@@ -832,7 +875,9 @@ class FileClient:
             if self._reconnect.is_set():
                 return False  # claims changed while connecting
             conn.sock.settimeout(self.config.read_timeout)
-            body = json.dumps({"pods": [c.to_json() for c in claims]}).encode()
+            body = json.dumps(
+                {"protocol": PROTOCOL, "pods": [c.to_json() for c in claims]}
+            ).encode()
             conn.request(
                 "POST",
                 PATH,
@@ -848,6 +893,7 @@ class FileClient:
                 raise self._refusal(endpoint, response)
             self.connects += 1
             lines = _Lines(response)
+            assembly = Assembly(self.node_name)
             while True:
                 line = lines.readline(MAX_LINE)
                 if not line:
@@ -860,7 +906,8 @@ class FileClient:
                 if not line.endswith(b"\n"):
                     raise _Failure("protocol", f"{endpoint}: a line longer than {MAX_LINE} bytes")
                 if line.strip():
-                    delivered = self._message(endpoint, line) or delivered
+                    delivered = self._message(endpoint, line, assembly) or delivered
+                del line  # a pod's files: not held while the next line is read
         except _Failure:
             if self._reconnect.is_set():
                 return False
@@ -882,11 +929,11 @@ class FileClient:
                 with self._lock:
                     self._live = self._monotonic()
 
-    def _message(self, endpoint: Endpoint, line: bytes) -> bool:
-        """Handle one line; True for a snapshot."""
+    def _message(self, endpoint: Endpoint, line: bytes, assembly: Assembly) -> bool:
+        """Handle one line; True for a snapshot (protocol 1) or a commit (2)."""
         try:
             message = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise _Failure("protocol", f"{endpoint}: a line that is not JSON") from None
         kind = message.get("type") if isinstance(message, dict) else None
         now = self._clock()
@@ -894,13 +941,20 @@ class FileClient:
             with self._lock:
                 self._confirmed, self._live = now, self._monotonic()
             return False
-        if kind != "snapshot":
-            log.debug("%s sent a message of type %r; ignored", endpoint, kind)
-            return False
         try:
-            snapshot = parse_snapshot(message, self.node_name)
+            if kind == "pod":
+                assembly.pod(message)
+                return False
+            if kind == "commit":
+                snapshot = assembly.commit(message)
+            elif kind == "snapshot":
+                snapshot = parse_snapshot(message, self.node_name)
+            else:
+                log.debug("%s sent a message of type %r; ignored", endpoint, kind)
+                return False
         except ProtocolError as err:
             raise _Failure("protocol", f"{endpoint}: {err}") from None
+        del message
         with self._lock:
             kept = self._kept
             self._confirmed, self._live = now, self._monotonic()
@@ -982,25 +1036,21 @@ class FileClient:
     def _keep(self, snapshot: Snapshot, *, save: bool) -> None:
         with self._lock:
             self._kept = snapshot
-        if save:
-            self._save_state(snapshot)
         try:
             self._on_files()
         except Exception:
             log.exception("on_files failed")
+        if save:
+            # After the injector was told: with a node's files at the limit the
+            # state file is 21 MB and its fsync must not delay every write.
+            self._save_state(snapshot)
 
     def _save_state(self, snapshot: Snapshot) -> None:
         path = self.config.state_file
         if not path:
             return
-        state = {
-            "version": STATE_VERSION,
-            "node": self.node_name,
-            "received_at": self._clock(),
-            "snapshot": snapshot_json(snapshot),
-        }
         try:
-            _write_atomically(Path(path), json.dumps(state, separators=(",", ":")).encode())
+            _write_atomically(Path(path), state_chunks(snapshot, self.node_name, self._clock()))
         except OSError as err:
             self._metrics.controller_errors.labels("state_file").inc()
             log.warning("cannot save the files to %s: %s", path, err.strerror or err)
@@ -1018,15 +1068,16 @@ class FileClient:
             return
         try:
             state = json.loads(raw)
+            del raw
             if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
                 raise ProtocolError("unknown format")
             if state.get("node") != self.node_name:
                 raise ProtocolError(
                     f"written for node {state.get('node')!r}, this is {self.node_name!r}"
                 )
-            snapshot = parse_snapshot(state.get("snapshot"), self.node_name)
+            snapshot = parse_snapshot(state.pop("snapshot", None), self.node_name)
             received = float(state.get("received_at") or 0.0)
-        except (ValueError, TypeError) as err:  # ProtocolError is a ValueError
+        except (ValueError, TypeError, RecursionError) as err:  # ProtocolError is a ValueError
             log.warning("state file %s ignored: %s", path, err)
             return
         with self._lock:
@@ -1043,13 +1094,34 @@ def _named(refusal: Refusal) -> tuple[str, str, str]:
     return refusal.namespace, refusal.name, f"{refusal.reason}: {refusal.message}"
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def state_chunks(snapshot: Snapshot, node: str, received_at: float) -> Iterator[bytes]:
+    """The state file, one JSON document written a pod at a time: the node's files
+    are never one string in memory (16 MiB of them would be three of 21 MB)."""
+    head = {
+        "version": STATE_VERSION,
+        "node": node,
+        "received_at": received_at,
+        "snapshot": snapshot_json(dataclasses.replace(snapshot, pods={})),
+    }
+    text = json.dumps(head, separators=(",", ":"))
+    # The document up to the empty pod list of the snapshot, then each pod, then the rest.
+    marker = '"pods":[]'
+    before, after = text.split(marker, 1)
+    yield (before + '"pods":[').encode()
+    for i, pod in enumerate(snapshot.pods.values()):
+        (wire,) = snapshot_json(dataclasses.replace(snapshot, pods={pod.uid: pod}))["pods"]
+        yield (b"," if i else b"") + json.dumps(wire, separators=(",", ":")).encode()
+    yield ("]" + after).encode()
+
+
+def _write_atomically(path: Path, data: bytes | Iterable[bytes]) -> None:
     """Temp file (0600) + fsync + rename in the same directory: old or new, never half."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as out:  # mkstemp makes it 0600
-            out.write(data)
+            for chunk in [data] if isinstance(data, bytes) else data:
+                out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
         os.replace(temp, path)

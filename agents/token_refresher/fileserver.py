@@ -8,6 +8,22 @@ NDJSON lines, chunked: a snapshot of every file at once, another whenever
 the result changes, a heartbeat after 10 s of silence; the server ends the
 stream after about 300 s.
 
+Framing, versioned: the request body's `protocol` (absent: 1) asks, the
+answer is in the newest both speak (header `X-Token-Files-Protocol`).
+1: one `snapshot` line holds the node. 2: a `pod` line per pod whose line
+changed since the last on this stream, then a `commit` line naming the
+snapshot's pods by UID (the others as last sent), with its revision and the
+refused claims. A line then holds one pod (16 files of 64 KiB at most), not
+the node: neither side ever holds a node's files as one string.
+
+What a tenant writes is capped (spec.py: the annotation, entries, templates,
+expansions, the file, all sized before anything is expanded) and so is what
+a node gets: `max_node_bytes` (16 MiB) per stream, shared max-min fairly
+between the namespaces of its pods, the files over a namespace's share
+refused as `node_limit`; rendered bytes not yet sent, over all streams, wait
+for room in a `RenderBudget` (32 MiB), so that many streams re-rendering at
+once (a tenant's Secret used on every node) cannot add up.
+
 Rendering is the injector's of old, moved here: the pod's `to-inject`
 annotation as read from the API, the token Secret from the controller's own
 Secret watch (the pod's namespace only; a Secret the controller does not
@@ -43,7 +59,8 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Protocol
@@ -60,11 +77,15 @@ from agents.token_refresher.nodeauth import (
 )
 from agents.token_refresher.oauth import Token, TokenFormatError
 from agents.token_refresher.spec import (
+    MAX_FILE_BYTES,
+    MAX_TEMPLATE_BYTES,
     Injection,
     SpecError,
+    TooLarge,
     parse_to_inject,
     parse_token_secret,
     render,
+    rendered_size,
     template_of,
 )
 
@@ -82,6 +103,21 @@ _DONE_PHASES = ("Succeeded", "Failed")
 MIN_SCANNED_SECRET = 8
 # How often the template re-reader looks for due templates, at most.
 TEMPLATE_POLL = 1.0
+MAX_TEMPLATES_PER_NAMESPACE = 64
+"""Template ConfigMaps one namespace may use at once (each is re-read every 30 s
+while used: 64 are about 2 GETs a second)."""
+# Render failures logged with their traceback, remembered so each is logged once.
+LOGGED_INTERNAL = 4096
+MAX_NODE_BYTES = 16 << 20
+"""Rendered bytes per node (one stream), shared fairly between the namespaces
+of its pods: the injector keeps every file of its node in memory (192Mi)."""
+RENDER_BUDGET_BYTES = 32 << 20
+"""Rendered bytes in flight over all streams at once (a pod is rendered, sent
+and dropped, one at a time per stream): a tenant with a pod at the caps on
+every node, changing its Secret, must not make every stream render at once."""
+PROTOCOL = 2
+"""The newest wire protocol spoken: 1, one line per snapshot; 2, one line per pod."""
+PROTOCOL_HEADER = "X-Token-Files-Protocol"
 
 Key = tuple[str, str]
 """(namespace, name) of a Secret or ConfigMap."""
@@ -155,11 +191,19 @@ class TemplateCache:
         *,
         refresh: float = 30.0,
         request_timeout: float = 10.0,
+        max_template_bytes: int = MAX_TEMPLATE_BYTES,
+        max_per_namespace: int = MAX_TEMPLATES_PER_NAMESPACE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         from kubernetes import client
 
         self._core: Any = client.CoreV1Api(api_client)
+        self.max_template_bytes = max_template_bytes
+        """Longer templates are refused (the template text is kept here while in use)."""
+        self.max_per_namespace = max_per_namespace
+        """Templates read for one namespace at most: each in use is read again every
+        `refresh` s, and one tenant's many names must not flood the API server."""
+        self._per_namespace: dict[str, int] = {}
         self._refresh = refresh
         self._timeout = request_timeout
         self._clock = clock
@@ -169,17 +213,32 @@ class TemplateCache:
         """ConfigMap GETs made so far."""
 
     def template(self, namespace: str, name: str) -> str:
-        """The template text; FileProblem("bad_template") when there is none."""
+        """The template text; FileProblem("bad_template") when there is none, or
+        when the namespace already has `max_per_namespace` templates here."""
         key = (namespace, name)
         with self._lock:
             entry = self._entries.get(key)
             reader = entry is None
             if entry is None:
+                if self._per_namespace.get(namespace, 0) >= self.max_per_namespace:
+                    raise FileProblem(
+                        "bad_template",
+                        f"namespace {namespace} uses more than {self.max_per_namespace} "
+                        f"template ConfigMaps (the limit): {name} is not read",
+                    )
+                self._per_namespace[namespace] = self._per_namespace.get(namespace, 0) + 1
                 entry = self._entries[key] = _Template()
         if reader:
-            entry.outcome = self._read(key, None)
-            entry.read_at = self._clock()
-            entry.loaded.set()
+            try:
+                entry.outcome = self._read(key, None)
+            except Exception:
+                # Our bug, not the tenant's: the others waiting on this read must
+                # not wait out their timeout (nor every later render, forever).
+                log.exception("reading template ConfigMap %s/%s failed", namespace, name)
+                entry.outcome = (False, f"template ConfigMap {name} could not be read (internal)")
+            finally:
+                entry.read_at = self._clock()
+                entry.loaded.set()
         elif not entry.loaded.wait(self._timeout + 1.0):
             raise FileProblem("bad_template", f"template ConfigMap {name} is still being read")
         ok, text = entry.outcome
@@ -216,6 +275,9 @@ class TemplateCache:
                 if not e.users and e.loaded.is_set() and now - e.read_at >= self._refresh
             ]:
                 del self._entries[key]  # read for a stream that never used it
+                self._per_namespace[key[0]] -= 1
+                if not self._per_namespace[key[0]]:
+                    del self._per_namespace[key[0]]
             due = [
                 (k, e)
                 for k, e in self._entries.items()
@@ -251,7 +313,7 @@ class TemplateCache:
                 return False, f"cannot read template ConfigMap {name}: {api_error_text(err)}"
             config_map = None
         try:
-            return True, template_of(config_map, name)
+            return True, template_of(config_map, name, max_bytes=self.max_template_bytes)
         except SpecError as err:
             return False, str(err)
 
@@ -280,8 +342,54 @@ class _Parsed:
         return [float(expires or 0.0), version]
 
 
+@dataclass
+class _File:
+    """One file of a pod, checked and sized, not rendered yet."""
+
+    injection: Injection
+    wire: dict[str, Any]
+    """The wire entry, without its content."""
+    parsed: _Parsed | None = None
+    template: str | None = None
+    size: int = 0
+
+
+@dataclass
+class PlannedPod:
+    """A pod's files before rendering: what they use and what each will weigh."""
+
+    pod: VerifiedPod
+    wire: dict[str, Any]
+    """The wire entry, without its files."""
+    files: list[_File] = field(default_factory=list)
+    secrets: set[Key] = field(default_factory=set)
+    templates: set[Key] = field(default_factory=set)
+
+    def inputs(self) -> Hashable:
+        """Everything the rendered pod depends on: equal inputs, equal line. A
+        neighbour's change then costs this pod no render (16 files of 64 KiB)."""
+        return (
+            self.pod.resource_version,
+            self.pod.phase,
+            json.dumps(self.wire["problem"], sort_keys=True),
+            tuple(
+                (
+                    json.dumps(f.wire, sort_keys=True),
+                    None if f.parsed is None else (f.parsed.uid, f.parsed.resource_version),
+                    f.template,
+                )
+                for f in self.files
+            ),
+        )
+
+
 class Renderer:
-    """Renders the files of verified pods; thread-safe."""
+    """Renders the files of verified pods, one file at a time; thread-safe.
+
+    Whatever goes wrong with one pod or file (a tenant's input we did not
+    foresee, our own bug) is that pod's or file's problem (reason `internal`,
+    logged once with its traceback), never the stream's nor another pod's.
+    """
 
     def __init__(
         self,
@@ -289,14 +397,19 @@ class Renderer:
         templates: TemplateCache,
         *,
         secret_selector: str = "",
+        max_file_bytes: int = MAX_FILE_BYTES,
+        max_node_bytes: int = MAX_NODE_BYTES,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.secrets = secrets
         self.templates = templates
         self.secret_selector = secret_selector
+        self.max_file_bytes = max_file_bytes
+        self.max_node_bytes = max_node_bytes
         self._clock = clock
         self._lock = threading.Lock()
         self._parsed: dict[Key, _Parsed] = {}
+        self._logged: OrderedDict[tuple[str, ...], None] = OrderedDict()
 
     def forget(self, namespace: str, name: str) -> None:
         """The Secret changed or went: parse it again when next used."""
@@ -304,8 +417,13 @@ class Renderer:
             self._parsed.pop((namespace, name), None)
 
     def pod(self, pod: VerifiedPod) -> tuple[dict[str, Any], set[Key], set[Key]]:
-        """The pod as the wire has it, the Secrets and the templates it uses."""
-        out: dict[str, Any] = {
+        """The pod as the wire has it, the Secrets and the templates it uses (no node share)."""
+        planned = self.plan(pod)
+        return self.render(planned), planned.secrets, planned.templates
+
+    def plan(self, pod: VerifiedPod) -> PlannedPod:
+        """The pod's files, sized before anything is expanded."""
+        wire: dict[str, Any] = {
             "uid": pod.uid,
             "namespace": pod.namespace,
             "name": pod.name,
@@ -313,43 +431,114 @@ class Renderer:
             "problem": None,
             "files": [],
         }
+        planned = PlannedPod(pod, wire)
         if pod.phase in _DONE_PHASES:
-            return out, set(), set()
+            return planned
         try:
             injections = parse_to_inject(pod.annotations)
         except SpecError as err:
-            out["problem"] = {"reason": "bad_annotation", "message": str(err)}
-            return out, set(), set()
-        secrets = {(pod.namespace, i.secret_name) for i in injections}
-        templates = {
+            wire["problem"] = {"reason": "bad_annotation", "message": str(err)}
+            return planned
+        except Exception:
+            self._internal(f"pod {pod.namespace}/{pod.name}", pod.uid, pod.resource_version)
+            wire["problem"] = {
+                "reason": "internal",
+                "message": "the to-inject annotation could not be read (internal error; "
+                "the controller's log has it)",
+            }
+            return planned
+        planned.secrets = {(pod.namespace, i.secret_name) for i in injections}
+        planned.templates = {
             (pod.namespace, i.template_config_map) for i in injections if i.template_config_map
         }
-        out["files"] = [self._file(pod.namespace, i) for i in injections]
-        return out, secrets, templates
+        planned.files = [self._plan_file(pod, i) for i in injections]
+        return planned
 
-    def _file(self, namespace: str, injection: Injection) -> dict[str, Any]:
-        entry: dict[str, Any] = {
-            "container": injection.container,
-            "path": injection.path,
-            "mode": injection.mode,
-            "owner": injection.owner,
-            "group": injection.group,
-            "secret": injection.secret_name,
-            "content": None,
-            "stamp": [0.0, 0],
-            "problem": None,
-        }
+    def share(self, pods: Sequence[PlannedPod], node: str) -> None:
+        """Refuse the files over each namespace's fair share of the node's limit
+        (`max_node_bytes`): max-min fair, so a namespace using less than an even
+        share keeps all of it and one tenant's bulk never crowds out another's."""
+        demands: dict[str, int] = {}
+        for planned in pods:
+            for file in planned.files:
+                if file.wire["problem"] is None:
+                    namespace = planned.pod.namespace
+                    demands[namespace] = demands.get(namespace, 0) + file.size
+        if sum(demands.values()) <= self.max_node_bytes:
+            return
+        shares = fair_shares(demands, self.max_node_bytes)
+        used: dict[str, int] = {}
+        for planned in sorted(pods, key=lambda p: (p.pod.namespace, p.pod.name)):
+            namespace = planned.pod.namespace
+            for file in planned.files:
+                if file.wire["problem"] is not None:
+                    continue
+                if used.get(namespace, 0) + file.size <= shares[namespace]:
+                    used[namespace] = used.get(namespace, 0) + file.size
+                    continue
+                file.wire["problem"] = FileProblem(
+                    "node_limit",
+                    f"the token files of namespace {namespace} on node {node} would be over "
+                    f"its share ({shares[namespace]} bytes) of the node's limit of "
+                    f"{self.max_node_bytes} bytes",
+                ).wire()
+                file.parsed = None
+
+    def render(self, planned: PlannedPod) -> dict[str, Any]:
+        """The pod as the wire has it, its files rendered one after the other."""
+        wire = dict(planned.wire)
+        wire["files"] = [self._render_file(planned.pod, file) for file in planned.files]
+        return wire
+
+    def _plan_file(self, pod: VerifiedPod, injection: Injection) -> _File:
+        file = _File(
+            injection,
+            {
+                "container": injection.container,
+                "path": injection.path,
+                "mode": injection.mode,
+                "owner": injection.owner,
+                "group": injection.group,
+                "secret": injection.secret_name,
+                "content": None,
+                "stamp": [0.0, 0],
+                "problem": None,
+            },
+        )
+        namespace = pod.namespace
         try:
             parsed = self._secret(namespace, injection.secret_name)
-            entry["stamp"] = parsed.stamp
+            file.wire["stamp"] = parsed.stamp
             if parsed.problem is not None:
                 raise parsed.problem
             assert parsed.token is not None
-            template = None
             if injection.template_config_map:
-                template = self.templates.template(namespace, injection.template_config_map)
+                file.template = self.templates.template(namespace, injection.template_config_map)
             try:
-                content = render(template, parsed.token)
+                file.size = rendered_size(
+                    file.template, parsed.token, max_bytes=self.max_file_bytes
+                )
+            except TooLarge as err:
+                raise FileProblem("too_large", str(err)) from None
+            except SpecError as err:
+                raise FileProblem("bad_template", str(err)) from None
+            file.parsed = parsed
+        except FileProblem as problem:
+            file.wire["problem"] = problem.wire()
+        except Exception:
+            file.wire["problem"] = self._file_internal(pod, injection)
+        return file
+
+    def _render_file(self, pod: VerifiedPod, file: _File) -> dict[str, Any]:
+        parsed = file.parsed
+        if parsed is None or parsed.token is None or file.wire["problem"] is not None:
+            return file.wire
+        entry = dict(file.wire)
+        try:
+            try:
+                content = render(file.template, parsed.token, max_bytes=self.max_file_bytes)
+            except TooLarge as err:
+                raise FileProblem("too_large", str(err)) from None
             except SpecError as err:
                 raise FileProblem("bad_template", str(err)) from None
             scanned = content.replace(parsed.token.access_token.encode(), b"")
@@ -357,13 +546,41 @@ class Renderer:
                 raise FileProblem(
                     "bad_template",
                     f"the file would hold the refresh token or client secret of Secret "
-                    f"{injection.secret_name}; nodes never get those",
+                    f"{file.injection.secret_name}; nodes never get those",
                 )
+            entry["content"] = base64.b64encode(content).decode()
         except FileProblem as problem:
             entry["problem"] = problem.wire()
-            return entry
-        entry["content"] = base64.b64encode(content).decode()
+        except Exception:
+            entry["problem"] = self._file_internal(pod, file.injection)
         return entry
+
+    def _file_internal(self, pod: VerifiedPod, injection: Injection) -> dict[str, Any]:
+        self._internal(
+            f"pod {pod.namespace}/{pod.name}: {injection.path} in container {injection.container}",
+            pod.uid,
+            pod.resource_version,
+            injection.container,
+            injection.path,
+        )
+        return FileProblem(
+            "internal",
+            "the file could not be rendered (internal error; the controller's log has it)",
+        ).wire()
+
+    def _internal(self, what: str, *key: str) -> None:
+        """Log the exception being handled, once per object and version: a bug that
+        hits a pod on every render must not flood the log either."""
+        with self._lock:
+            first = key not in self._logged
+            self._logged[key] = None
+            self._logged.move_to_end(key)
+            while len(self._logged) > LOGGED_INTERNAL:
+                self._logged.popitem(last=False)
+        if first:
+            log.exception("%s: rendering failed; only this is affected", what)
+        else:
+            log.debug("%s: rendering failed again", what)
 
     def _secret(self, namespace: str, name: str) -> _Parsed:
         secret = self.secrets.named(namespace, name)
@@ -398,9 +615,70 @@ class Renderer:
             parsed = _Parsed(
                 uid, version, None, FileProblem("bad_secret", f"token Secret {name}: {err}")
             )
+        except Exception:
+            self._internal(f"token Secret {namespace}/{name}", namespace, name, version)
+            parsed = _Parsed(
+                uid,
+                version,
+                None,
+                FileProblem(
+                    "internal",
+                    f"token Secret {name} could not be read (internal error; the "
+                    "controller's log has it)",
+                ),
+            )
         with self._lock:
             self._parsed[key] = parsed
         return parsed
+
+
+def fair_shares(demands: Mapping[str, int], budget: int) -> dict[str, int]:
+    """Max-min fair shares of `budget` (water-filling): a demand under an even share
+    is met in full, what it leaves is shared among the others."""
+    shares: dict[str, int] = {}
+    left = budget
+    pending = sorted(demands, key=lambda k: (demands[k], k))
+    while pending:
+        even = left // len(pending)
+        smallest = pending[0]
+        if demands[smallest] > even:
+            shares.update(dict.fromkeys(pending, even))
+            break
+        shares[smallest] = demands[smallest]
+        left -= demands[smallest]
+        pending.pop(0)
+    return shares
+
+
+class RenderBudget:
+    """Bytes rendered and not yet sent, over all streams: `hold(n)` waits for room.
+
+    A pod bigger than the whole budget still goes alone (it is bounded by the
+    per-file and per-pod caps).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._used = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, size: int) -> Iterator[None]:
+        size = min(max(size, 1), self.capacity)
+        with self._cond:
+            self._cond.wait_for(lambda: self._used + size <= self.capacity)
+            self._used += size
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used -= size
+                self._cond.notify_all()
+
+    @property
+    def used(self) -> int:
+        with self._cond:
+            return self._used
 
 
 # -- streams
@@ -418,10 +696,15 @@ class _Stream:
     dirty: threading.Event = field(default_factory=threading.Event)
     caller_changed: threading.Event = field(default_factory=threading.Event)
     """The watch saw the caller's pod change: re-check it before anything else."""
+    protocol: int = 1
     secrets: set[Key] = field(default_factory=set)
     templates: set[Key] = field(default_factory=set)
     revision: int = 0
     digest: bytes = b""
+    pod_digests: dict[str, bytes] = field(default_factory=dict)
+    """Protocol 2: the digest of each pod's line as last sent on this stream."""
+    pod_inputs: dict[str, Hashable] = field(default_factory=dict)
+    """Protocol 2: what each pod's line was rendered from (`PlannedPod.inputs`)."""
 
 
 class _RequestError(Exception):
@@ -443,10 +726,19 @@ def _outcome(status: int) -> str:
 
 def parse_claims(body: bytes, max_pods: int) -> list[Claim]:
     """The claims of a request body; _RequestError 400 or 413."""
+    return parse_request(body, max_pods)[0]
+
+
+def parse_request(body: bytes, max_pods: int) -> tuple[list[Claim], int]:
+    """The claims of a request body and the protocol to answer in (the newest both
+    speak: a body without `protocol` is 1); _RequestError 400 or 413."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise _RequestError(400, "bad_request", "the body is not JSON") from None
+    asked = data.get("protocol", 1) if isinstance(data, dict) else 1
+    if not isinstance(asked, int) or isinstance(asked, bool) or asked < 1:
+        raise _RequestError(400, "bad_request", "protocol must be a number from 1")
     pods = data.get("pods") if isinstance(data, dict) else None
     if not isinstance(pods, list):
         raise _RequestError(400, "bad_request", 'the body must be {"pods": [...]}')
@@ -469,7 +761,7 @@ def parse_claims(body: bytes, max_pods: int) -> list[Claim]:
             )
         claim = Claim(*(str(f) for f in fields))
         claims[(claim.namespace, claim.name)] = claim
-    return list(claims.values())
+    return list(claims.values()), min(asked, PROTOCOL)
 
 
 class _Server(ThreadingHTTPServer):
@@ -525,9 +817,11 @@ class FileServer:
         metrics: FilesMetrics,
         ssl_context: ssl.SSLContext | None,
         rng: random.Random | None = None,
+        render_budget: int = RENDER_BUDGET_BYTES,
     ) -> None:
         self.config = config
         self.ssl_context = ssl_context
+        self.budget = RenderBudget(render_budget)
         self.authenticator = authenticator
         self.verifier = verifier
         self.renderer = renderer
@@ -669,14 +963,14 @@ class FileServer:
         except AuthError as err:
             log.info("token files refused (%s): %s", err.reason, err)
             raise _RequestError(err.status, _outcome(err.status), str(err)) from None
-        claims = parse_claims(handler.rfile.read(length), self.config.max_pods)
+        claims, protocol = parse_request(handler.rfile.read(length), self.config.max_pods)
         try:
             pods, refused = self.verifier.verify(caller.node, claims)
         except AuthUnavailable as err:
             raise _RequestError(503, "unavailable", str(err)) from None
         for refusal in refused:
             log.info("%s: claim refused: %s", caller.who, refusal.message)
-        return _Stream(caller, token, pods, refused)
+        return _Stream(caller, token, pods, refused, protocol=protocol)
 
     def serve(self, handler: BaseHTTPRequestHandler) -> None:
         try:
@@ -709,6 +1003,7 @@ class FileServer:
         config = self.config
         handler.send_response(200)
         handler.send_header("Content-Type", "application/x-ndjson")
+        handler.send_header(PROTOCOL_HEADER, str(stream.protocol))
         handler.send_header("Transfer-Encoding", "chunked")
         handler.send_header("Cache-Control", "no-store")
         handler.end_headers()
@@ -754,40 +1049,98 @@ class FileServer:
         return True
 
     def _send_snapshot(self, handler: BaseHTTPRequestHandler, stream: _Stream) -> bool:
-        """Render the stream's pods; send a snapshot if anything changed. True if sent."""
-        pods, secrets, templates = [], set(), set()
-        for pod in stream.pods:
-            rendered, uses, templated = self.renderer.pod(pod)
-            pods.append(rendered)
-            secrets |= uses
-            templates |= templated
+        """Render the stream's pods; send a snapshot if anything changed. True if sent.
+
+        Each pod is planned (its files sized) first, the node's limit shared out,
+        then rendered and, in protocol 2, sent and dropped one after the other.
+        """
+        planned = [self.renderer.plan(pod) for pod in stream.pods]
+        self.renderer.share(planned, stream.caller.node)
+        secrets: set[Key] = set().union(*(p.secrets for p in planned))
+        templates: set[Key] = set().union(*(p.templates for p in planned))
         if secrets != stream.secrets or templates != stream.templates:
             self._subscribe(stream, secrets, templates)
             # A change between the render and the subscription would be missed:
             # render once more (the digest keeps it from being sent twice).
             stream.dirty.set()
-        body = {
+        if stream.protocol >= 2:
+            return self._send_pods(handler, stream, planned)
+        pods = []
+        with self.budget.hold(sum(f.size for p in planned for f in p.files)):
+            pods = [self.renderer.render(p) for p in planned]
+            body = {
+                "node": stream.caller.node,
+                "pods": pods,
+                "refused": [r.wire() for r in stream.refused],
+            }
+            text = json.dumps(body, separators=(",", ":"), sort_keys=True)
+            digest = hashlib.sha256(text.encode()).digest()
+            if digest == stream.digest:
+                return False
+            stream.digest = digest
+            stream.revision += 1
+            line = json.dumps(
+                {"type": "snapshot", "revision": stream.revision, **body}, separators=(",", ":")
+            )
+            _chunk(handler, line.encode() + b"\n")
+        self.metrics.snapshots_sent.inc()
+        return True
+
+    def _send_pods(
+        self, handler: BaseHTTPRequestHandler, stream: _Stream, planned: Sequence[PlannedPod]
+    ) -> bool:
+        """Protocol 2: a `pod` line for each pod whose line changed, then a `commit` line
+        naming the snapshot's pods. No line holds more than one pod (at most 16 files
+        of 64 KiB), so neither side ever holds a node's files as one string."""
+        sent = False
+        digests: dict[str, bytes] = {}
+        inputs: dict[str, Hashable] = {}
+        for pod in planned:
+            uid = pod.pod.uid
+            inputs[uid] = pod.inputs()
+            if stream.pod_inputs.get(uid) == inputs[uid] and uid in stream.pod_digests:
+                # Rendering is a function of these: the line would be the one sent.
+                digests[uid] = stream.pod_digests[uid]
+                continue
+            with self.budget.hold(sum(f.size for f in pod.files)):
+                line = json.dumps(
+                    {"type": "pod", "pod": self.renderer.render(pod)},
+                    separators=(",", ":"),
+                    sort_keys=True,
+                ).encode()
+                digest = hashlib.sha256(line).digest()
+                digests[pod.pod.uid] = digest
+                if stream.pod_digests.get(pod.pod.uid) != digest:
+                    _chunk(handler, line + b"\n")
+                    sent = True
+                del line
+        commit = {
+            "type": "commit",
             "node": stream.caller.node,
-            "pods": pods,
+            "pods": [pod.pod.uid for pod in planned],
             "refused": [r.wire() for r in stream.refused],
         }
-        text = json.dumps(body, separators=(",", ":"), sort_keys=True)
-        digest = hashlib.sha256(text.encode()).digest()
-        if digest == stream.digest:
+        digest = hashlib.sha256(json.dumps(commit, sort_keys=True).encode()).digest()
+        stream.pod_digests, stream.pod_inputs = digests, inputs
+        if not sent and digest == stream.digest:
             return False
         stream.digest = digest
         stream.revision += 1
-        line = json.dumps(
-            {"type": "snapshot", "revision": stream.revision, **body}, separators=(",", ":")
-        )
-        _chunk(handler, line.encode() + b"\n")
+        text = json.dumps({**commit, "revision": stream.revision}, separators=(",", ":"))
+        _chunk(handler, text.encode() + b"\n")
         self.metrics.snapshots_sent.inc()
         return True
 
 
 def _chunk(handler: BaseHTTPRequestHandler, data: bytes) -> None:
-    """One HTTP/1.1 chunk (empty: the last one); the socket's timeout bounds the write."""
-    handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+    """One HTTP/1.1 chunk (empty: the last one); the socket's timeout bounds the write.
+
+    Size line, data and CRLF are written apart: a pod's line is not copied once more.
+    """
+    handler.wfile.write(b"%x\r\n" % len(data))
+    if data:
+        handler.wfile.write(data)
+    handler.wfile.write(b"\r\n")
 
 
 def _send_json(

@@ -181,6 +181,11 @@ class Token:
 
     @classmethod
     def _from_mapping(cls, data: Mapping[str, Any], now: float, *, stored: bool) -> Token:
+        unencodable = _unencodable(data)
+        if unencodable is not None:
+            # JSON's "\ud800" escape is plain ASCII but no text: it would raise
+            # UnicodeEncodeError wherever the token is rendered or written back.
+            raise TokenFormatError(f"token JSON field {unencodable} holds a lone surrogate")
         access_token = data.get("access_token")
         if access_token is None or access_token == "":
             raise TokenFormatError("token JSON has no access_token")
@@ -381,13 +386,37 @@ def decode_token_json(text: str | bytes) -> tuple[dict[str, Any], int]:
         tail = text[end:]
         if tail.strip(_IGNORABLE_TAIL):
             raise json.JSONDecodeError("Extra data", text, end)
-    except (ValueError, UnicodeDecodeError) as err:
-        # JSONDecodeError's message has a position, never the document.
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        # JSONDecodeError's message has a position, never the document; a document
+        # nested deeper than the interpreter's recursion limit is a RecursionError.
         reason = err.msg if isinstance(err, json.JSONDecodeError) else type(err).__name__
         raise TokenFormatError(f"token JSON is not valid JSON ({reason})") from None
     if not isinstance(data, dict):
         raise TokenFormatError(f"token JSON must be an object, not {_json_type_name(data)}")
     return data, tail.count("}")
+
+
+def _unencodable(data: Mapping[str, Any]) -> str | None:
+    """The first field (a dotted path) whose key or string value is not UTF-8 text.
+
+    Iterative: a deeply nested document must not exhaust the stack here.
+    """
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return ascii(where) if where else "(the document)"
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                name = f"{where}.{key}" if where else str(key)
+                stack.append((name, key))
+                stack.append((name, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+    return None
 
 
 def quiet_token_loggers() -> None:

@@ -11,6 +11,12 @@ Fields of a `to-inject` entry beyond the original ones (all optional):
 `mode` (octal string such as "0440" or a number, default 0400), `group` (gid,
 default `owner`). Template variables: `$(ACCESS_TOKEN)`, `$(TOKEN_TYPE)`,
 `$(EXPIRES_AT)` (unix seconds) and `$(EXPIRES_AT_RFC3339)`.
+
+Everything here is tenant input, so each is capped (the `MAX_*` constants
+below; a refusal names the cap and its value) and every string must be
+encodable as UTF-8: JSON allows a lone surrogate escape (`"\\ud800"`), which
+Python decodes into a str that raises UnicodeEncodeError wherever it is
+written out.
 """
 
 from __future__ import annotations
@@ -39,6 +45,19 @@ DEFAULT_TEMPLATE = "$(ACCESS_TOKEN)"
 DEFAULT_MODE = 0o400
 
 _VARIABLE = re.compile(r"\$\(([A-Z0-9_]+)\)")
+_BYTES_VARIABLE = re.compile(rb"\$\(([A-Z0-9_]+)\)")
+
+MAX_ANNOTATION_BYTES = 16 << 10
+"""A `to-inject` annotation longer than this is refused unparsed: 16 entries
+take about 3 KiB (Kubernetes allows 256 KiB for all of a pod's annotations)."""
+MAX_ENTRIES = 16
+"""`to-inject` entries per pod: each is a file, a Secret and a template read."""
+MAX_TEMPLATE_BYTES = 16 << 10
+"""A template ConfigMap's `template` text (the EOS one is about 100 bytes)."""
+MAX_EXPANSIONS = 16
+"""Variables expanded per template: a 600 kB token times 400 would be 240 MB."""
+MAX_FILE_BYTES = 64 << 10
+"""A rendered file, computed before expanding (real access tokens are 1-4 KiB)."""
 
 
 class SpecError(ValueError):
@@ -46,6 +65,22 @@ class SpecError(ValueError):
 
     Messages never contain token values.
     """
+
+
+class TooLarge(SpecError):
+    """Tenant input over one of the caps; the message names the cap and its value."""
+
+
+def encodable(where: str, text: str) -> str:
+    """`text` if it can be written as UTF-8; SpecError naming `where` if not (a lone
+    surrogate: JSON's `"\\ud800"` escape is valid ASCII and decodes to one)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise SpecError(
+            f"{where} holds a lone surrogate (a \\ud800-style escape): not text"
+        ) from None
+    return text
 
 
 class TokenLike(Protocol):
@@ -86,18 +121,42 @@ class Injection:
     template_config_map: str = ""
 
 
-def parse_to_inject(annotations: Mapping[str, str] | None) -> list[Injection]:
-    """The pod's `to-inject` list; [] when the pod has none, SpecError when malformed."""
+def parse_to_inject(
+    annotations: Mapping[str, str] | None,
+    *,
+    max_bytes: int = MAX_ANNOTATION_BYTES,
+    max_entries: int = MAX_ENTRIES,
+) -> list[Injection]:
+    """The pod's `to-inject` list; [] when the pod has none, SpecError when malformed
+    (TooLarge over a cap): the whole list or nothing, so a pod never gets half its files."""
     raw = annotation(annotations, TO_INJECT)
     if raw is None:
         return []
+    size = len(raw.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise TooLarge(f"{TO_INJECT} is {size} bytes, over the limit of {max_bytes} bytes")
     try:
         entries = json.loads(raw)
     except json.JSONDecodeError as err:
         raise SpecError(f"{TO_INJECT} is not valid JSON: {err.msg} at {err.pos}") from None
+    except RecursionError:
+        raise SpecError(f"{TO_INJECT} is nested too deeply to be a list of objects") from None
     if not isinstance(entries, list):
         raise SpecError(f"{TO_INJECT} must be a JSON list of objects")
-    return [_injection(i, entry) for i, entry in enumerate(entries)]
+    if len(entries) > max_entries:
+        raise TooLarge(
+            f"{TO_INJECT} has {len(entries)} entries, over the limit of {max_entries} per pod"
+        )
+    injections = [_injection(i, entry) for i, entry in enumerate(entries)]
+    seen: dict[tuple[str, str], int] = {}
+    for i, injection in enumerate(injections):
+        first = seen.setdefault((injection.container, injection.path), i)
+        if first != i:
+            raise SpecError(
+                f"{TO_INJECT}[{i}] writes {injection.path} in container "
+                f"{injection.container} again ({TO_INJECT}[{first}] does): one file, one entry"
+            )
+    return injections
 
 
 def _injection(index: int, entry: Any) -> Injection:
@@ -119,16 +178,22 @@ def _injection(index: int, entry: Any) -> Injection:
     container = entry.get("container")
     if not isinstance(secret, str) or not secret:
         raise SpecError(f"{where}: secretName must be a non-empty string")
+    encodable(f"{where}.secretName", secret)
     if not isinstance(container, str) or not container:
         raise SpecError(f"{where}: container must be a non-empty string")
+    encodable(f"{where}.container", container)
     owner = _id(where, "owner", entry.get("owner", 0))
     group = _id(where, "group", entry.get("group", owner))
     path = entry.get("path", f"/tmp/oauthtk_{owner}")
-    if not isinstance(path, str) or not posixpath.isabs(path) or path.endswith("/"):
+    if not isinstance(path, str):
+        raise SpecError(f"{where}: path must be an absolute file path, got {path!r}")
+    encodable(f"{where}.path", path)
+    if not posixpath.isabs(path) or path.endswith("/"):
         raise SpecError(f"{where}: path must be an absolute file path, got {path!r}")
     template = entry.get("templateConfigMapName", "")
     if not isinstance(template, str):
         raise SpecError(f"{where}: templateConfigMapName must be a string")
+    encodable(f"{where}.templateConfigMapName", template)
     return Injection(
         secret_name=secret,
         container=container,
@@ -185,13 +250,16 @@ def parse_token_secret(secret: Mapping[str, Any]) -> TokenSecret:
     missing = [k for k in ("clientID", "clientSecret") if not data.get(k)]
     if missing:
         raise SpecError(f"Secret is missing {', '.join(missing)}")
+    for used in (key, "clientID", "clientSecret"):
+        encodable(f"Secret key {used}", data[used])
     annotations = secret.get("metadata", {}).get("annotations")
+    token_url = (annotation(annotations, TOKEN_URL) or "").strip()
     return TokenSecret(
         token_json=data[key],
         token_key=key,
         client_id=data["clientID"].strip(),
         client_secret=data["clientSecret"].strip(),
-        token_url=(annotation(annotations, TOKEN_URL) or "").strip(),
+        token_url=encodable(f"annotation {TOKEN_URL}", token_url),
     )
 
 
@@ -208,15 +276,9 @@ def _decoded(secret: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def render(template: str | None, token: TokenLike) -> bytes:
-    """The file content: the template with its variables expanded.
-
-    An unknown `$(NAME)` is an error, not left in place: a typo would
-    otherwise write a broken credential that fails far from here.
-    """
-    text = DEFAULT_TEMPLATE if template is None else template
+def _values(token: TokenLike) -> dict[str, bytes]:
     expires = token.expires_at
-    values = {
+    texts = {
         "ACCESS_TOKEN": token.access_token,
         "TOKEN_TYPE": token.token_type or "Bearer",
         "EXPIRES_AT": "" if expires is None else str(int(expires)),
@@ -224,17 +286,73 @@ def render(template: str | None, token: TokenLike) -> bytes:
         if expires is None
         else datetime.fromtimestamp(expires, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-    unknown = sorted({m.group(1) for m in _VARIABLE.finditer(text)} - set(values))
+    return {name: encodable(f"token {name}", text).encode() for name, text in texts.items()}
+
+
+def rendered_size(
+    template: str | None,
+    token: TokenLike,
+    *,
+    max_bytes: int = MAX_FILE_BYTES,
+    max_expansions: int = MAX_EXPANSIONS,
+) -> int:
+    """The size `render` would produce, computed without expanding anything.
+
+    SpecError for an unknown variable, TooLarge over `max_expansions` variables
+    or `max_bytes` bytes: checked before any string is built, so a huge token
+    times many variables costs nothing.
+    """
+    text = encodable("template", DEFAULT_TEMPLATE if template is None else template)
+    values = _values(token)
+    found = list(_VARIABLE.finditer(text))
+    unknown = sorted({m.group(1) for m in found} - set(values))
     if unknown:
         raise SpecError(f"template uses unknown variables {unknown}; known: {sorted(values)}")
-    return _VARIABLE.sub(lambda m: values[m.group(1)], text).encode()
+    if len(found) > max_expansions:
+        raise TooLarge(
+            f"template expands {len(found)} variables, over the limit of {max_expansions}"
+        )
+    size = len(text.encode()) + sum(
+        len(values[m.group(1)]) - len(m.group(0).encode()) for m in found
+    )
+    if size > max_bytes:
+        raise TooLarge(f"the file would be {size} bytes, over the limit of {max_bytes} bytes")
+    return size
 
 
-def template_of(config_map: Mapping[str, Any] | None, name: str) -> str:
-    """The `template` key of the named ConfigMap; SpecError when it is not there."""
+def render(
+    template: str | None,
+    token: TokenLike,
+    *,
+    max_bytes: int = MAX_FILE_BYTES,
+    max_expansions: int = MAX_EXPANSIONS,
+) -> bytes:
+    """The file content: the template with its variables expanded.
+
+    An unknown `$(NAME)` is an error, not left in place: a typo would
+    otherwise write a broken credential that fails far from here. The caps
+    are checked first (`rendered_size`).
+    """
+    rendered_size(template, token, max_bytes=max_bytes, max_expansions=max_expansions)
+    text = (DEFAULT_TEMPLATE if template is None else template).encode()
+    values = _values(token)
+    return _BYTES_VARIABLE.sub(lambda m: values[m.group(1).decode()], text)
+
+
+def template_of(
+    config_map: Mapping[str, Any] | None, name: str, *, max_bytes: int = MAX_TEMPLATE_BYTES
+) -> str:
+    """The `template` key of the named ConfigMap; SpecError when it is not there,
+    is not text or is over `max_bytes` (TooLarge)."""
     if config_map is None:
         raise SpecError(f"template ConfigMap {name} not found")
     template = (config_map.get("data") or {}).get("template")
     if not isinstance(template, str):
         raise SpecError(f"template ConfigMap {name} has no 'template' key")
+    encodable(f"template ConfigMap {name}", template)
+    size = len(template.encode())
+    if size > max_bytes:
+        raise TooLarge(
+            f"template ConfigMap {name} is {size} bytes, over the limit of {max_bytes} bytes"
+        )
     return template

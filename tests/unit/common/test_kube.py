@@ -200,3 +200,62 @@ def test_an_api_error_is_one_short_line_without_its_body() -> None:
     assert api_error_text(OSError("connection\nrefused")) == "connection refused"
     assert api_error_text(TimeoutError()) == "TimeoutError"
     assert len(api_error_text(ValueError("x" * 1000), limit=50)) == 50
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_events_are_rate_limited_per_object_and_reason_and_counted(
+    kube: FakeKube, api: Any
+) -> None:
+    """A tenant's flood (a problem per entry, per pass) is one Event per object and
+    reason per interval once its burst is spent; other objects and reasons are not held."""
+    clock = Clock()
+    suppressed: list[str] = []
+    recorder = EventRecorder(
+        api,
+        "token-injector",
+        interval=300.0,
+        burst=1,
+        on_suppressed=suppressed.append,
+        monotonic=clock,
+    )
+    pod = ObjectRef(kind="Pod", name="flood", namespace="t1", uid="u1")
+    neighbour = ObjectRef(kind="Pod", name="calm", namespace="t2", uid="u2")
+    assert recorder.emit(pod, "Warning", "TokenInjectionFailed", "file 0")
+    for i in range(1, 100):
+        assert not recorder.emit(pod, "Warning", "TokenInjectionFailed", f"file {i}")
+    assert recorder.emit(pod, "Warning", "InvalidTokenAnnotation", "other reason")
+    assert recorder.emit(neighbour, "Warning", "TokenInjectionFailed", "file 0")
+    assert recorder.suppressed == 99 and suppressed == ["TokenInjectionFailed"] * 99
+    clock.now += 299.0
+    assert not recorder.emit(pod, "Warning", "TokenInjectionFailed", "still")
+    clock.now += 1.0
+    assert recorder.emit(pod, "Warning", "TokenInjectionFailed", "again")
+    posted = [e for e in kube.objects("events", "t1") if e["reason"] == "TokenInjectionFailed"]
+    assert [(e["message"], e["count"]) for e in posted] == [("file 0", 1), ("again", 101)]
+
+
+def test_the_burst_allows_a_few_at_once(kube: FakeKube, api: Any) -> None:
+    clock = Clock()
+    recorder = EventRecorder(api, "gpu-enforcer", interval=60.0, burst=3, monotonic=clock)
+    node = ObjectRef(kind="Node", name="n")
+    assert [recorder.emit(node, "Normal", "X", str(i)) for i in range(5)] == [True] * 3 + [
+        False
+    ] * 2
+    clock.now += 60.0
+    assert [recorder.emit(node, "Normal", "X", "y") for _ in range(2)] == [True, False]
+
+
+def test_a_failed_post_does_not_use_up_the_limit(kube: FakeKube, api: Any) -> None:
+    recorder = EventRecorder(api, "automount-healer", burst=1, monotonic=Clock())
+    node = ObjectRef(kind="Node", name="node-a")
+    kube.inject_error("POST", "/api/v1/namespaces/default/events", 500)
+    assert recorder.emit(node, "Normal", "FuseMountHealed", "healed") is False
+    assert recorder.emit(node, "Normal", "FuseMountHealed", "healed") is True
+    assert recorder.suppressed == 0

@@ -26,9 +26,11 @@ from prometheus_client import CollectorRegistry
 
 from agents.token_refresher.config import ControllerLinkConfig
 from agents.token_refresher.fileclient import (
+    Assembly,
     CaFile,
     Claim,
     FileClient,
+    ProtocolError,
     Snapshot,
     claims_of,
     merge,
@@ -634,3 +636,48 @@ def test_the_client_claims_no_more_than_the_server_takes() -> None:
     from agents.token_refresher.fileclient import MAX_CLAIMS
 
     assert MAX_CLAIMS == FilesConfig().max_pods >= 500
+
+
+def _pod_line(uid: str, content: bytes) -> dict[str, Any]:
+    return {
+        "type": "pod",
+        "pod": {
+            "uid": uid,
+            "namespace": "ns",
+            "name": uid,
+            "resourceVersion": "1",
+            "problem": None,
+            "files": [
+                {
+                    "container": "app",
+                    "path": "/tmp/oauthtk_0",
+                    "mode": 0o400,
+                    "owner": 0,
+                    "group": 0,
+                    "secret": "tok",
+                    "content": base64.b64encode(content).decode(),
+                    "stamp": [1.0, 1],
+                    "problem": None,
+                }
+            ],
+        },
+    }
+
+
+def test_protocol_2_pod_lines_make_a_snapshot_at_each_commit() -> None:
+    """A commit names the snapshot's pods; those not sent again are as last sent."""
+    assembly = Assembly(NODE)
+    assembly.pod(_pod_line("a", b"at-a"))
+    assembly.pod(_pod_line("b", b"at-b"))
+    first = assembly.commit({"type": "commit", "node": NODE, "revision": 1, "pods": ["a", "b"]})
+    assert first.revision == 1 and sorted(first.pods) == ["a", "b"]
+    assembly.pod(_pod_line("b", b"at-b2"))
+    second = assembly.commit({"type": "commit", "node": NODE, "revision": 2, "pods": ["b", "a"]})
+    assert second.pods["a"].files[0].content == b"at-a"
+    assert second.pods["b"].files[0].content == b"at-b2"
+    third = assembly.commit({"type": "commit", "node": NODE, "revision": 3, "pods": ["a"]})
+    assert list(third.pods) == ["a"]
+    with pytest.raises(ProtocolError, match="pod 'b' was never sent"):
+        assembly.commit({"type": "commit", "node": NODE, "revision": 4, "pods": ["b"]})
+    with pytest.raises(ProtocolError, match="a snapshot for node 'node-b'"):
+        assembly.commit({"type": "commit", "node": "node-b", "revision": 5, "pods": []})

@@ -19,9 +19,17 @@ from prometheus_client import CollectorRegistry
 from agents.token_refresher.claims import ClaimVerifier
 from agents.token_refresher.config import ControllerConfig, FilesConfig
 from agents.token_refresher.controller import Controller
-from agents.token_refresher.fileserver import FileServer, Renderer, TemplateCache, WatchedSecrets
+from agents.token_refresher.fileserver import (
+    FileProblem,
+    FileServer,
+    Renderer,
+    TemplateCache,
+    WatchedSecrets,
+    fair_shares,
+)
 from agents.token_refresher.metrics import ControllerMetrics, FilesMetrics
 from agents.token_refresher.nodeauth import NodeAuthenticator
+from agents.token_refresher.spec import MAX_FILE_BYTES
 from hack.autofs_world import wait_for
 from tests.support.fake_kube import FakeKube
 from tests.support.token_files import (
@@ -92,6 +100,7 @@ def _files(
     *,
     controller_config: ControllerConfig | None = None,
     start: bool = True,
+    max_file_bytes: int = MAX_FILE_BYTES,
 ) -> Iterator[Files]:
     registry = CollectorRegistry()
     metrics = FilesMetrics(registry)
@@ -107,6 +116,7 @@ def _files(
         secrets,
         TemplateCache(api, refresh=config.template_refresh),
         secret_selector=controller.config.secret_selector,
+        max_file_bytes=max_file_bytes,
     )
     certs = make_certs()
     server = FileServer(
@@ -629,7 +639,10 @@ def test_a_stream_ends_cleanly_after_its_lifetime(kube: FakeKube, api: Any, tmp_
 def test_a_client_that_does_not_read_holds_no_one_else(
     kube: FakeKube, api: Any, tmp_path: Path
 ) -> None:
-    gen = _files(kube, api, tmp_path, replace(FAST, send_timeout=0.5, heartbeat=5.0))
+    # Files over the cap: the stuck client's socket buffers must fill.
+    gen = _files(
+        kube, api, tmp_path, replace(FAST, send_timeout=0.5, heartbeat=5.0), max_file_bytes=4 << 20
+    )
     files = next(gen)
     try:
         put_token_secret(kube, "tok", "apps", access_token("x"))
@@ -649,3 +662,155 @@ def test_a_client_that_does_not_read_holds_no_one_else(
         wait_for(lambda: files.value("token_refresher_files_streams") == 1, 5)
     finally:
         gen.close()
+
+
+# -- issue 11: one pod per line, a node's limit shared fairly, failures contained -------
+
+
+def _v2_snapshot(
+    stream: FilesStream, timeout: float = 5.0
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Protocol 2: the `pod` lines up to the next `commit` line, and that line."""
+    pods = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = stream.line()
+        assert line is not None, "the stream ended"
+        if line["type"] == "pod":
+            pods.append(line["pod"])
+        elif line["type"] == "commit":
+            return pods, line
+    raise AssertionError("no commit in time")
+
+
+def _open_v2(files: Files, token: str, pods: list[dict[str, Any]]) -> FilesStream:
+    body = json.dumps({"protocol": 2, "pods": [claim(p) for p in pods]}).encode()
+    return files.open(token, [], body=body)
+
+
+def test_protocol_2_sends_a_line_per_pod_and_then_only_the_pods_that_changed(
+    files: Files,
+) -> None:
+    kube = files.kube
+    at1, at2 = access_token("one"), access_token("two")
+    put_token_secret(kube, "one", "apps", at1)
+    put_token_secret(kube, "two", "apps", at2)
+    p1 = put_pod(kube, "p1", "apps", "n1", inject=[{**APP[0], "secretName": "one"}])
+    p2 = put_pod(kube, "p2", "apps", "n1", inject=[{**APP[0], "secretName": "two"}])
+    stream = _open_v2(files, injector_token(kube, put_injector(kube, "n1")), [p1, p2])
+    assert stream.response.getheader("X-Token-Files-Protocol") == "2"
+    pods, commit = _v2_snapshot(stream)
+    assert sorted(_content(p) for p in pods) == sorted([at1, at2])
+    assert commit["node"] == "n1" and commit["revision"] == 1
+    assert sorted(commit["pods"]) == sorted([p1["metadata"]["uid"], p2["metadata"]["uid"]])
+    at3 = access_token("three")
+    put_token_secret(kube, "two", "apps", at3)
+    pods, commit = _v2_snapshot(stream)
+    assert [(p["name"], _content(p)) for p in pods] == [("p2", at3)]  # p1 is not sent again
+    assert commit["revision"] == 2 and len(commit["pods"]) == 2
+
+
+def test_a_nodes_limit_is_shared_fairly_between_namespaces(
+    kube: FakeKube, api: Any, tmp_path: Path
+) -> None:
+    """One tenant's bulk takes only its share: the neighbour's small file is served."""
+    gen = _files(kube, api, tmp_path, max_file_bytes=64 << 10)
+    files = next(gen)
+    try:
+        files.server.renderer.max_node_bytes = 100_000
+        for namespace in ("bulk", "calm"):
+            kube.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+        put_token_secret(kube, "big", "bulk", "B" * 30_000)
+        put_token_secret(kube, "small", "calm", small := access_token("calm"))
+        many = [
+            {**APP[0], "secretName": "big", "path": f"/tmp/f{i}"} for i in range(4)
+        ]  # 4 x 30 kB per pod
+        pods = [put_pod(kube, f"bulk-{i}", "bulk", "n1", inject=many) for i in range(3)]
+        pods.append(put_pod(kube, "calm", "calm", "n1", inject=[{**APP[0], "secretName": "small"}]))
+        stream = files.open(injector_token(kube, put_injector(kube, "n1")), pods)
+        by_name = {pod["name"]: pod for pod in stream.snapshot()["pods"]}
+        assert _content(by_name["calm"]) == small
+        bulk = [f for i in range(3) for f in by_name[f"bulk-{i}"]["files"]]
+        served = [f for f in bulk if f["problem"] is None]
+        refused = [f["problem"] for f in bulk if f["problem"] is not None]
+        # The calm namespace's few bytes are its own; the rest of 100 kB goes to bulk.
+        assert len(served) == (100_000 - len(small)) // 30_000 == 3
+        assert {p["reason"] for p in refused} == {"node_limit"}
+        assert "namespace bulk on node n1" in refused[0]["message"]
+        assert "of the node's limit of 100000 bytes" in refused[0]["message"]
+    finally:
+        gen.close()
+
+
+def test_fair_shares() -> None:
+    assert fair_shares({"a": 10, "b": 100, "c": 100}, 150) == {"a": 10, "b": 70, "c": 70}
+    assert fair_shares({"a": 10, "b": 20}, 100) == {"a": 10, "b": 20}
+    assert fair_shares({"a": 100, "b": 100}, 50) == {"a": 25, "b": 25}
+
+
+class _BrokenSecrets:
+    """A Secret source with a bug for one Secret: what nothing foresaw."""
+
+    def __init__(self, secrets: WatchedSecrets) -> None:
+        self.secrets = secrets
+
+    @property
+    def synced(self) -> bool:
+        return self.secrets.synced
+
+    def named(self, namespace: str, name: str) -> dict[str, Any] | None:
+        if name == "cursed":
+            raise RuntimeError("a bug nobody foresaw")
+        return self.secrets.named(namespace, name)
+
+
+def test_an_unexpected_error_is_that_files_problem_logged_once(
+    files: Files, caplog: pytest.LogCaptureFixture
+) -> None:
+    kube = files.kube
+    files.server.renderer.secrets = _BrokenSecrets(files.server.renderer.secrets)  # type: ignore[assignment]
+    put_token_secret(kube, "tok", "apps", at := access_token("x"))
+    good = put_pod(kube, "good", "apps", "n1", inject=APP)
+    cursed = put_pod(
+        kube,
+        "cursed",
+        "apps",
+        "n1",
+        inject=[{**APP[0], "secretName": "cursed"}, {**APP[0], "path": "/tmp/other"}],
+    )
+    for _ in range(2):
+        stream = files.open(injector_token(kube, put_injector(kube, "n1")), [good, cursed])
+        by_name = {pod["name"]: pod for pod in stream.snapshot()["pods"]}
+        assert _content(by_name["good"]) == at
+        broken, fine = by_name["cursed"]["files"]
+        assert broken["problem"]["reason"] == "internal" and broken["content"] is None
+        assert base64.b64decode(fine["content"]).decode() == at
+        stream.close()
+    tracebacks = [r for r in caplog.records if r.exc_info and "rendering failed" in r.getMessage()]
+    assert len(tracebacks) == 1
+    assert "a bug nobody foresaw" in caplog.text
+
+
+def test_a_namespace_gets_a_bounded_number_of_templates_each_read_once(
+    kube: FakeKube, api: Any
+) -> None:
+    """Each template in use is re-read every 30 s: a tenant naming thousands would be
+    thousands of GETs every 30 s."""
+    for name in ("a", "b", "c"):
+        kube.put(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": name, "namespace": "apps"},
+                "data": {"template": f"{name}:$(ACCESS_TOKEN)"},
+            }
+        )
+    cache = TemplateCache(api, max_per_namespace=2)
+    for _ in range(3):
+        assert cache.template("apps", "a") == "a:$(ACCESS_TOKEN)"
+        assert cache.template("apps", "b") == "b:$(ACCESS_TOKEN)"
+    with pytest.raises(FileProblem, match="namespace apps uses more than 2 template ConfigMaps"):
+        cache.template("apps", "c")
+    with pytest.raises(FileProblem, match="template ConfigMap c not found"):
+        cache.template("other", "c")  # another namespace has its own
+    assert cache.reads == 3

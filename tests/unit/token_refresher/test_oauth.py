@@ -15,6 +15,7 @@ import email.utils
 import json
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -939,3 +940,28 @@ def test_quiet_token_loggers_keeps_a_quieter_level() -> None:
     assert logging.getLogger("oauthlib").level == logging.WARNING
     assert logging.getLogger("requests_oauthlib").level == logging.INFO
     assert not logging.getLogger("requests_oauthlib").isEnabledFor(logging.DEBUG)
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('{"access_token": "at\\ud800"}', "'access_token'"),
+        ('{"access_token": "at", "refresh_token": "\\udfffrt"}', "'refresh_token'"),
+        ('{"access_token": "at", "extra": {"deep": [1, "\\ud800"]}}', "'extra.deep[1]'"),
+        ('{"access_token": "at", "\\ud800": 1}', r"'\ud800'"),
+    ],
+)
+def test_a_lone_surrogate_anywhere_in_the_token_json_is_refused_naming_the_field(
+    text: str, field: str
+) -> None:
+    """`\\ud800` is plain ASCII JSON but no text: it would raise UnicodeEncodeError
+    wherever the token is rendered or written back."""
+    with pytest.raises(TokenFormatError, match=f"field {re.escape(field)} holds a lone surrogate"):
+        Token.from_json(text, 0.0)
+    with pytest.raises(TokenFormatError, match="lone surrogate"):
+        Token.from_json(text.encode(), 0.0)
+
+
+def test_token_json_nested_past_the_recursion_limit_is_a_format_error() -> None:
+    with pytest.raises(TokenFormatError, match="RecursionError"):
+        Token.from_json('{"a": ' + "[" * 100_000, 0.0)

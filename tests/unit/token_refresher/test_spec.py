@@ -14,10 +14,12 @@ from agents.token_refresher.spec import (
     OUR_PREFIX,
     Injection,
     SpecError,
+    TooLarge,
     is_token_secret,
     parse_to_inject,
     parse_token_secret,
     render,
+    rendered_size,
     template_of,
 )
 
@@ -177,3 +179,67 @@ def test_template_config_map() -> None:
         template_of(None, "t")
     with pytest.raises(SpecError, match="no 'template' key"):
         template_of({"data": {"tmpl": "x"}}, "t")
+
+
+# -- tenant input that cannot be text, and the caps ---------------------------------
+
+
+LONE_SURROGATE = "\\ud800"  # as the JSON text has it: plain ASCII
+
+
+@pytest.mark.parametrize("field", ["secretName", "container", "path", "templateConfigMapName"])
+def test_a_lone_surrogate_in_an_annotation_field_is_refused_naming_it(field: str) -> None:
+    entry = {"secretName": "s", "container": "c", "path": "/tmp/x", field: "/tmp/a"}
+    raw = json.dumps([entry]).replace('"/tmp/a"', f'"/tmp/{LONE_SURROGATE}"')
+    with pytest.raises(SpecError, match=rf"to-inject\[0\]\.{field} holds a lone surrogate"):
+        parse_to_inject({f"{CERN_PREFIX}/to-inject": raw})
+
+
+def test_a_lone_surrogate_in_a_template_or_secret_is_refused_naming_it() -> None:
+    template = json.loads(f'"oauth2:$(ACCESS_TOKEN):{LONE_SURROGATE}"')
+    with pytest.raises(SpecError, match="template ConfigMap t holds a lone surrogate"):
+        template_of({"data": {"template": template}}, "t")
+    with pytest.raises(SpecError, match="template holds a lone surrogate"):
+        render(template, FakeToken())
+    secret = {"stringData": {"oauth": TOKEN_JSON, "clientID": "a", "clientSecret": "b\ud800"}}
+    with pytest.raises(SpecError, match="Secret key clientSecret holds a lone surrogate"):
+        parse_token_secret(secret)
+    with pytest.raises(SpecError, match="ACCESS_TOKEN holds a lone surrogate"):
+        render(None, FakeToken(access_token="x\udfff"))
+
+
+def test_the_annotation_caps_name_their_limit() -> None:
+    entries = [{"secretName": "s", "container": "c", "path": f"/tmp/{i}"} for i in range(17)]
+    with pytest.raises(TooLarge, match="17 entries, over the limit of 16 per pod"):
+        parse_to_inject({f"{CERN_PREFIX}/to-inject": json.dumps(entries)})
+    assert len(parse_to_inject({f"{CERN_PREFIX}/to-inject": json.dumps(entries[:16])})) == 16
+    big = json.dumps([{"secretName": "s" * 20_000, "container": "c"}])
+    with pytest.raises(TooLarge, match=f"is {len(big)} bytes, over the limit of 16384 bytes"):
+        parse_to_inject({f"{CERN_PREFIX}/to-inject": big})
+
+
+def test_a_second_entry_for_the_same_file_is_refused() -> None:
+    entries = [
+        {"secretName": "a", "container": "c", "owner": 1000},
+        {"secretName": "b", "container": "d", "owner": 1000},
+        {"secretName": "b", "container": "c", "path": "/tmp/./oauthtk_1000"},
+    ]
+    with pytest.raises(SpecError, match=r"to-inject\[2\] writes /tmp/oauthtk_1000 in container c"):
+        parse_to_inject({f"{CERN_PREFIX}/to-inject": json.dumps(entries)})
+
+
+def test_the_rendered_size_is_capped_before_anything_is_expanded() -> None:
+    huge = FakeToken(access_token="A" * 600_000)
+    template = "$(ACCESS_TOKEN)" * 400
+    with pytest.raises(TooLarge, match="expands 400 variables, over the limit of 16"):
+        rendered_size(template, huge)
+    with pytest.raises(TooLarge, match="600000 bytes, over the limit of 65536 bytes"):
+        render(None, huge)
+    assert rendered_size("x$(ACCESS_TOKEN)y", FakeToken()) == len(b"xAT-secrety")
+    assert render("$(ACCESS_TOKEN)" * 16, FakeToken()) == b"AT-secret" * 16
+    at_cap = FakeToken(access_token="é" * (32 << 10))  # 2 bytes each: the cap counts bytes
+    assert len(render(None, at_cap)) == 64 << 10
+    with pytest.raises(TooLarge, match="65537 bytes"):
+        render("x$(ACCESS_TOKEN)", at_cap)
+    with pytest.raises(TooLarge, match="template ConfigMap t is 16385 bytes"):
+        template_of({"data": {"template": "x" * (16 << 10) + "y"}}, "t")
