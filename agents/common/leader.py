@@ -18,6 +18,11 @@ and kube-controller-manager use), so `kubectl get lease` reads as usual:
   with a refresh token that works once).
 - On `stop()` the holder releases the Lease (empty holder, duration 1 s), so a
   rolling update hands over at once instead of after `lease_duration`.
+- `health`, asked before every round, ties leading to the work getting done:
+  while it names a problem (the controller's pass or a worker is stuck), this
+  replica neither renews nor acquires, and `holds()` is false at once. The
+  Lease is not released: whatever is stuck may still be using a refresh
+  token, so the standby takes over only once the Lease has run out.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class LeaderElector:
         request_timeout: float = 10.0,
         on_api_call: OnApiCall | None = None,
         on_leading: Callable[[], None] | None = None,
+        health: Callable[[], str | None] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -82,6 +88,9 @@ class LeaderElector:
         self._on_leading = on_leading
         """Called when this replica becomes leader: work that waits for the
         Lease starts then, not at the controller's next pass."""
+        self._health = health
+        self.unhealthy = ""
+        """Why this replica does not campaign (`health`'s answer); empty: it does."""
         self._monotonic = monotonic
         self._wall = wall
         self._lock = threading.Lock()
@@ -135,6 +144,8 @@ class LeaderElector:
         from kubernetes import client
 
         api: Any = client.CoordinationV1Api(self.api_client)
+        if not self._healthy():
+            return self._lost(f"not renewing the Lease: {self.unhealthy}")
         now_mono, now = self._monotonic(), self._wall()
         try:
             lease = self._get(api)
@@ -171,6 +182,21 @@ class LeaderElector:
                 f"HTTP {status}" if status else f"{type(err).__name__}: {err}",
             )
             return self.is_leader()  # still valid until the lease runs out
+
+    def _healthy(self) -> bool:
+        problem = self._health() if self._health is not None else None
+        if problem and not self.unhealthy:
+            log.error(
+                "leader election: %s stops campaigning for Lease %s/%s: %s",
+                self.identity,
+                self.namespace,
+                self.name,
+                problem,
+            )
+        elif not problem and self.unhealthy:
+            log.info("leader election: %s campaigns again: its work moves on", self.identity)
+        self.unhealthy = problem or ""
+        return not problem
 
     def _get(self, api: Any) -> dict[str, Any] | None:
         self._count("get")

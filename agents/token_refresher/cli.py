@@ -136,15 +136,41 @@ def build_parser(environ: Mapping[str, str] | None = None) -> AgentArgumentParse
         "--token-url",
         default="",
         env="TOKEN_URL",
-        help="default token endpoint; a Secret may name its own (<prefix>/token-url)",
+        help="default token endpoint; a Secret may name its own (<prefix>/token-url) "
+        "if this URL or one of --allowed-token-urls covers it",
     )
     controller.add_argument(
         "--allowed-token-urls",
         type=_url_list,
         default=(),
         env="ALLOWED_TOKEN_URLS",
-        help="comma-separated URL prefixes a Secret's own token URL must start with "
-        "(default: any https URL)",
+        help="comma-separated further URLs a Secret's own token URL may be at or below "
+        "(same scheme, host and port; path equal or under theirs on a '/' boundary); "
+        "default: none, only --token-url",
+    )
+    defaults = ControllerConfig()
+    controller.add_argument(
+        "--refresh-workers",
+        type=int_between(1, 256),
+        default=defaults.refresh_workers,
+        env="REFRESH_WORKERS",
+        help="IdP requests in flight at once",
+    )
+    controller.add_argument(
+        "--refresh-per-host",
+        type=int_between(1, 256),
+        default=defaults.refresh_per_host,
+        env="REFRESH_PER_HOST",
+        help="IdP requests in flight to one host:port at once: a slow IdP holds no more "
+        "workers than this",
+    )
+    controller.add_argument(
+        "--stall-limit",
+        type=positive_float,
+        default=defaults.stall_limit,
+        env="STALL_LIMIT",
+        help="seconds the refresh pass or a worker may go without progress before this "
+        "replica stops renewing its Lease (a standby takes over) and reports not ready",
     )
     controller.add_argument(
         "--namespace",
@@ -446,7 +472,8 @@ def _add_idp_flags(parser: AgentArgumentParser) -> None:
         type=positive_float,
         default=10.0,
         env="REQUEST_TIMEOUT",
-        help="seconds for each IdP request",
+        help="seconds for a whole IdP request: connect, TLS, headers and body (a server "
+        "that trickles its answer is cut off then)",
     )
     parser.add_argument(
         "--refresh-fraction",
@@ -496,13 +523,24 @@ def main(
         if args.role != "injector" and not 0.15 <= args.refresh_fraction <= 0.85:
             raise ConfigError("--refresh-fraction must be between 0.15 and 0.85")
         if args.role == "local":
-            check_token_url(args.token_url, allow_http=args.allow_http)
+            check_token_url(args.token_url, allow_http=args.allow_http, what="--token-url")
             client_secret = _read_secret(args.client_secret_file)
             if problem := out_directory_problem(args.out):
                 raise ConfigError(problem)
         elif args.role == "controller":
             if args.token_url:
-                check_token_url(args.token_url, allow_http=args.allow_http)
+                check_token_url(args.token_url, allow_http=args.allow_http, what="--token-url")
+            for entry in args.allowed_token_urls:
+                check_token_url(
+                    entry, allow_http=args.allow_http, what="--allowed-token-urls entry"
+                )
+            # The longest a worker legitimately goes without progress: one IdP
+            # request, or one API request (10 s).
+            if args.stall_limit <= max(args.request_timeout, 10.0):
+                raise ConfigError(
+                    f"--stall-limit ({args.stall_limit:g} s) must exceed --request-timeout "
+                    f"({args.request_timeout:g} s) and 10 s (an API request)"
+                )
             # The leader calls an IdP only while its Lease outlasts the request by
             # 5 s, and the Lease may be one renewal old.
             needed = args.request_timeout + 5 + args.renew_interval
@@ -637,6 +675,9 @@ def _controller_config(args: argparse.Namespace) -> ControllerConfig:
         secret_selector=args.secret_selector,
         interval=args.interval,
         dry_run=args.dry_run,
+        refresh_workers=args.refresh_workers,
+        refresh_per_host=args.refresh_per_host,
+        stall_limit=args.stall_limit,
         files=_files_config(args),
     )
 
@@ -706,6 +747,16 @@ def _controller(
         # next pass (`controller` is made below, before the Lease is sought).
         controller.wake.set()
 
+    heartbeat = Heartbeat(max_age=3 * args.interval + 2 * config.idp.request_timeout + 30)
+    readiness = _Readiness(heartbeat)
+
+    def health() -> str | None:
+        # Asked by the elector before each round: a stuck pass or worker gives
+        # up the Lease (by not renewing it), and readiness says why.
+        problem = controller.stalled()
+        readiness.stalled(problem)
+        return problem
+
     elector = LeaderElector(
         api_client,
         name=config.lease.name,
@@ -715,6 +766,7 @@ def _controller(
         renew_interval=config.lease.renew_interval,
         on_api_call=metrics.api_call,
         on_leading=lead,
+        health=health,
     )
     idp = config.idp
     controller = Controller(
@@ -736,7 +788,6 @@ def _controller(
             on_suppressed=run.loop_metrics.event_suppressed,
         ),
     )
-    heartbeat = Heartbeat(max_age=3 * args.interval + 2 * idp.request_timeout + 30)
     files: FileService | None = None
     if config.files.enabled and not args.once:
         keeper = TlsKeeper(
@@ -776,6 +827,8 @@ def _controller(
                 log.warning("another replica holds Lease %s: nothing done", config.lease.name)
                 return 0
             controller.tick()
+            # The refreshes run on workers; each ends within its deadlines.
+            controller.drain(idp.request_timeout + 60)
             elector.stop()
             return 0
         elector.start()
@@ -798,7 +851,7 @@ def _controller(
                 return files is None or files.serving.wait(3600)
 
             threading.Thread(
-                target=lambda: heartbeat.set_ready(ready()), name="ready", daemon=True
+                target=lambda: readiness.listed(ready()), name="ready", daemon=True
             ).start()
             run_loop(
                 tick,
@@ -817,6 +870,37 @@ def _controller(
     finally:
         elector.stop()
         controller.stop()
+
+
+class _Readiness:
+    """The controller's readiness: its Secrets listed and file server up, and
+    neither the pass nor a worker stuck (`Controller.stalled`)."""
+
+    def __init__(self, heartbeat: Heartbeat) -> None:
+        self._heartbeat = heartbeat
+        self._lock = threading.Lock()
+        self._listed = False
+        self._stalled: str | None = None
+
+    def listed(self, ready: bool) -> None:
+        with self._lock:
+            self._listed = ready
+            self._publish()
+
+    def stalled(self, problem: str | None) -> None:
+        with self._lock:
+            if problem == self._stalled:
+                return
+            self._stalled = problem
+            self._publish()
+
+    def _publish(self) -> None:
+        if self._stalled:
+            self._heartbeat.set_ready(False, f"not leading: {self._stalled}")
+        elif self._listed:
+            self._heartbeat.set_ready(True)
+        else:
+            self._heartbeat.set_ready(False, "token Secrets not listed yet")
 
 
 def _injector(

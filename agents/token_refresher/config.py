@@ -13,17 +13,21 @@ class IdPConfig:
     """How the controller talks to identity providers."""
 
     token_url: str = ""
-    """Default token endpoint; a Secret may name its own with `<prefix>/token-url`."""
+    """Default token endpoint; a Secret may name its own with `<prefix>/token-url`,
+    which must then be covered by this one or by `allowed_token_urls`."""
     allowed_token_urls: tuple[str, ...] = ()
-    """URL prefixes a Secret's own token URL must start with; empty: any https URL.
-    The controller sends the Secret's refresh token and client secret there,
-    from inside the cluster network: sites that let many users create Secrets
-    should list their IdPs."""
+    """Further URLs a Secret's own token URL may be at or below (same scheme, host
+    and port, normalised; the path equal or under theirs on a segment boundary).
+    Empty: only `token_url`. The controller sends the Secret's refresh token and
+    client secret there, from inside the cluster network: a tenant must not pick
+    an internal host."""
     ca_bundle: str = ""
     """CA bundle for the IdP's TLS; empty: the system store (or REQUESTS_CA_BUNDLE)."""
     allow_http: bool = False
     auth_method: str = "client_secret_basic"
     request_timeout: float = 10.0
+    """Seconds for a whole IdP request (connect, TLS, headers and body): a server
+    that trickles its answer is cut off then, not after each silent interval."""
     refresh_fraction: float = 0.8
     """Refresh at this share of the lifetime, with 10% jitter."""
     idle_window: float = 3600.0
@@ -140,6 +144,17 @@ class ControllerConfig:
     conflict_retries: int = 5
     """Re-reads after a 409 on the Secret write, within one pass."""
     backoff_cap: float = 60.0
+    refresh_workers: int = 8
+    """IdP requests in flight at once: refreshes are spread over the token
+    lifetimes, so a few workers keep thousands of Secrets fresh, and a slow IdP
+    holds at most `refresh_per_host` of them."""
+    refresh_per_host: int = 2
+    """IdP requests in flight to one host:port at once: a slow or hostile token
+    endpoint delays only its own Secrets, never every worker."""
+    stall_limit: float = 30.0
+    """Seconds the pass or a worker may go without progress (each of their steps
+    is bounded by `request_timeout` or an API timeout of 10 s) before this replica
+    stops renewing its Lease, so that a standby takes over."""
     files: FilesConfig = field(default_factory=FilesConfig)
     """The file server every replica runs (leader and standbys)."""
 

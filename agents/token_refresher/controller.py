@@ -25,6 +25,24 @@ order for every Secret:
    each pod that uses it, and the status annotation. Network errors,
    timeouts, 5xx and 429 back off (capped, Retry-After honoured) while the
    current access token stays in the Secret until it expires.
+
+Refreshes run on a bounded pool of workers (`refresh_workers`), at most
+`refresh_per_host` at a time against one IdP host, each request under one
+deadline (oauth.refresh): a slow or hostile token endpoint holds only its own
+Secrets' refreshes. The pass itself calls no IdP: it parses, reports and hands
+due Secrets to the workers. One Secret is refreshed by one worker at a time,
+and the pass leaves a Secret alone while a worker has it; the worker checks the
+Lease right before the IdP call and writes the new token before anything else.
+
+The pass and the workers report progress; one that goes `stall_limit`
+seconds without any makes `stalled()` say so, and the Lease is then no
+longer renewed (leader.py's `health`): a standby takes over rather than
+every refresh waiting behind a replica that is stuck.
+
+A Secret's own token URL is used only if the controller's `--token-url` or
+one of `--allowed-token-urls` covers it (oauth.TokenURL.covers: scheme, host,
+port and a path prefix, all normalised); any other gets a Warning Event and a
+status, and no request is made.
 """
 
 from __future__ import annotations
@@ -38,7 +56,9 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -55,8 +75,10 @@ from agents.token_refresher.oauth import (
     RetryableError,
     Token,
     TokenFormatError,
-    check_token_url,
+    TokenURL,
+    allowed_token_url,
     decode_token_json,
+    parse_token_url,
 )
 from agents.token_refresher.spec import (
     OUR_PREFIX,
@@ -78,17 +100,65 @@ CONFLICT = 409
 NOT_FOUND = 404
 # Pods warned about one Secret's final error, at most: an Event each.
 MAX_POD_EVENTS = 100
+API_TIMEOUT = 10.0
+"""Seconds for each Kubernetes API request the pass or a worker makes: a hung
+API server must not hold them (the kubernetes client has no timeout of its own)."""
 
 RefreshCall = Callable[[str, Token, str, str], Token]
 """(token_url, token, client_id, client_secret) -> the new token; oauth.refresh bound."""
 
 
 class _Unusable(Exception):
-    """A Secret that cannot be refreshed as it is; `kind` labels it."""
+    """A Secret that cannot be refreshed as it is; `kind` labels it (metric,
+    status), `reason` is its Event's."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, reason: str = "InvalidTokenSecret") -> None:
         super().__init__(message)
         self.kind = kind
+        self.reason = reason
+
+
+class Progress:
+    """When the pass and each worker last moved on, to tell one that is stuck.
+
+    Every step they take is bounded (the IdP request by its deadline, each API
+    request by API_TIMEOUT), so a gap longer than that is a bug or a hang the
+    bounds missed: `stalled` names it, and the Lease is not renewed.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._working: dict[int, tuple[str, float]] = {}
+
+    @contextmanager
+    def working(self, what: str) -> Iterator[None]:
+        """The current thread works on `what` until the block ends."""
+        ident = threading.get_ident()
+        with self._lock:
+            self._working[ident] = (what, self._clock())
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._working.pop(ident, None)
+
+    def touch(self) -> None:
+        """The current thread made progress (it starts a new bounded step)."""
+        ident = threading.get_ident()
+        with self._lock:
+            entry = self._working.get(ident)
+            if entry is not None:
+                self._working[ident] = (entry[0], self._clock())
+
+    def oldest(self) -> tuple[str, float] | None:
+        """What has gone longest without progress, and for how many seconds."""
+        now = self._clock()
+        with self._lock:
+            if not self._working:
+                return None
+            what, since = min(self._working.values(), key=lambda entry: entry[1])
+        return what, now - since
 
 
 @dataclass
@@ -101,6 +171,9 @@ class _State:
     secret: TokenSecret | None = None
     token: Token | None = None
     token_url: str = ""
+    """The canonical URL (oauth.TokenURL.url) the refresh is sent to."""
+    host: str = ""
+    """`host:port` of the token URL: the unit of the per-host limit."""
     due: float = math.inf
     failures: int = 0
     retry_at: float = 0.0
@@ -179,10 +252,34 @@ class Controller:
         self._rng = rng or random.Random()
         self._backoff = Backoff(cap=config.backoff_cap, rng=self._rng)
         self._states: dict[str, _State] = {}
+        self._lock = threading.Lock()
+        """Guards what the workers share with the pass: the three below."""
         self._unreachable: dict[str, float] = {}
         """Token URLs that timed out or refused, and until when (the failed
         Secret's retry time): the other Secrets of that IdP wait as long, so
-        one silent IdP costs one timeout, not one per Secret."""
+        one silent IdP costs one timeout per worker it holds, not one per Secret."""
+        self._busy: set[str] = set()
+        """Secrets a worker has: the pass leaves them alone until it is done."""
+        self._per_host: dict[str, int] = {}
+        """Refreshes in flight per `host:port`."""
+        self._idle = threading.Condition(self._lock)
+        self._pool = ThreadPoolExecutor(
+            max_workers=config.refresh_workers, thread_name_prefix="refresh"
+        )
+        self.progress = Progress()
+        idp = config.idp
+        self._default_url = (
+            parse_token_url(idp.token_url, allow_http=idp.allow_http, what="--token-url")
+            if idp.token_url
+            else None
+        )
+        self._allowed: tuple[TokenURL, ...] = tuple(
+            parse_token_url(entry, allow_http=idp.allow_http, what="--allowed-token-urls entry")
+            for entry in idp.allowed_token_urls
+        ) + ((self._default_url,) if self._default_url is not None else ())
+        """What a Secret's own token URL must be covered by: the admin's URLs."""
+        metrics.in_flight.set_function(lambda: len(self._busy))
+        metrics.stalled.set_function(self._stalled_seconds)
         self._next_due: float | None = None
         """When the next Secret is due (unix time), as of the last pass."""
         self.wake = threading.Event()
@@ -220,6 +317,26 @@ class Controller:
     def stop(self) -> None:
         for cache in self.caches:
             cache.stop()
+        # Each job ends within the IdP deadline and its API timeouts.
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until no refresh is in flight (`--once`); False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._busy, timeout)
+
+    def stalled(self) -> str | None:
+        """Why this replica must not lead: the pass or a worker has gone
+        `stall_limit` seconds without progress; None: all is moving."""
+        oldest = self.progress.oldest()
+        if oldest is None or oldest[1] <= self.config.stall_limit:
+            return None
+        what, seconds = oldest
+        return f"{what} made no progress for {seconds:.0f} s (limit {self.config.stall_limit:g} s)"
+
+    def _stalled_seconds(self) -> float:
+        oldest = self.progress.oldest()
+        return 0.0 if oldest is None else oldest[1]
 
     def wait_synced(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -237,18 +354,24 @@ class Controller:
     # -- one pass
 
     def tick(self) -> None:
+        with self.progress.working("the refresh pass"):
+            self._pass()
+
+    def _pass(self) -> None:
         self._count_watches()
         if not self.synced:
             log.debug("waiting for the first list of token Secrets")
             return
         self._metrics.leader.set(1 if self._leading() else 0)
         now = self._clock()
-        self._unreachable = {url: until for url, until in self._unreachable.items() if until > now}
+        with self._lock:
+            self._unreachable = {u: until for u, until in self._unreachable.items() if until > now}
         seen: set[str] = set()
         for cache in self.caches:
             for secret in cache.objects():
                 key = _key(secret)
                 seen.add(key)
+                self.progress.touch()
                 try:
                     self._visit(key, secret)
                 except Exception:
@@ -259,7 +382,7 @@ class Controller:
                         state = self._states[key]
                         state.retry_at = max(state.retry_at, now + self.config.interval)
         for key in set(self._states) - seen:
-            state = self._states.pop(key)
+            state = self._states.pop(key)  # a worker that has it finishes with it
             if state.pending is not None:
                 log.warning(
                     "token Secret %s was deleted before its refreshed token was written", key
@@ -277,11 +400,15 @@ class Controller:
 
     def _earliest_due(self) -> float | None:
         times = []
-        for state in self._states.values():
+        with self._lock:
+            busy, unreachable = set(self._busy), dict(self._unreachable)
+        for key, state in self._states.items():
+            if key in busy:
+                continue  # its worker wakes the loop when done
             if state.pending is not None:
                 times.append(state.retry_at)  # the write is retried first
             elif state.token is not None and state.digest != state.final_digest:
-                blocked = self._unreachable.get(state.token_url, 0.0)
+                blocked = unreachable.get(state.token_url, 0.0)
                 times.append(max(state.due, state.retry_at, blocked))
         return min(times, default=None)
 
@@ -293,6 +420,9 @@ class Controller:
         return self._elector.holds(self.config.idp.request_timeout + 5.0)
 
     def _visit(self, key: str, secret: dict[str, Any]) -> None:
+        with self._lock:
+            if key in self._busy:
+                return  # a worker has it: its refresh and write come first
         now = self._clock()
         uid = (secret.get("metadata") or {}).get("uid", "")
         state = self._states.get(key)
@@ -331,16 +461,58 @@ class Controller:
         self._metrics.expiries.set(key, token, now)
         if now < state.due or now < state.retry_at:
             return
-        if self._unreachable.get(state.token_url, 0.0) > now:
-            return  # another Secret of this IdP just timed out: not N timeouts per pass
-        # Checked before every IdP call, not once per pass: a pass may take a while.
+        with self._lock:
+            if self._unreachable.get(state.token_url, 0.0) > now:
+                return  # another Secret of this IdP just timed out: not N timeouts per pass
+        # Checked here and again by the worker right before the IdP call.
         if not self._leading():
             return
         if self.config.dry_run:
             log.info("dry run: would refresh token Secret %s now", key)
             state.due = now + self.config.idp.idle_window
             return
-        self._refresh_secret(key, secret, state, token, now)
+        self._dispatch(key, secret, state, token)
+
+    def _dispatch(self, key: str, secret: dict[str, Any], state: _State, token: Token) -> None:
+        """Hand the refresh to a worker, if one is free and the IdP's host has
+        a slot; else the Secret stays due and a finishing worker wakes the pass."""
+        with self._lock:
+            if (
+                len(self._busy) >= self.config.refresh_workers
+                or self._per_host.get(state.host, 0) >= self.config.refresh_per_host
+            ):
+                return
+            self._busy.add(key)
+            self._per_host[state.host] = self._per_host.get(state.host, 0) + 1
+        try:
+            self._pool.submit(self._refresh_job, key, secret, state, token)
+        except RuntimeError:  # shut down: stop() is under way
+            self._release(key, state)
+
+    def _refresh_job(self, key: str, secret: dict[str, Any], state: _State, token: Token) -> None:
+        """A worker: the IdP call, then the Secret write, for one Secret."""
+        try:
+            with self.progress.working(f"the refresh of token Secret {key}"):
+                # The job may have waited: the Lease must outlast the call and write.
+                if not self._leading():
+                    return
+                self._refresh_secret(key, secret, state, token, self._clock())
+        except Exception:
+            log.exception("token Secret %s: unexpected failure while refreshing", key)
+            state.retry_at = max(state.retry_at, self._clock() + self.config.interval)
+        finally:
+            self._release(key, state)
+
+    def _release(self, key: str, state: _State) -> None:
+        with self._idle:
+            self._busy.discard(key)
+            left = self._per_host.get(state.host, 1) - 1
+            if left > 0:
+                self._per_host[state.host] = left
+            else:
+                self._per_host.pop(state.host, None)
+            self._idle.notify_all()
+        self.wake.set()
 
     def _adopt(
         self, key: str, secret: dict[str, Any], state: _State, digest: bytes, now: float
@@ -355,9 +527,10 @@ class Controller:
             state.state = "invalid"
             self._metrics.refreshes.labels(err.kind).inc()
             log.error("token Secret %s cannot be refreshed: %s", key, err)
-            state.unreported = ("InvalidTokenSecret", str(err), f"{err.kind}: {err}")
+            state.unreported = (err.reason, str(err), f"{err.kind}: {err}")
             return
-        state.secret, state.token, state.token_url, state.state = parsed, token, url, "ok"
+        state.secret, state.token, state.state = parsed, token, "ok"
+        state.token_url, state.host = url.url, f"{url.host}:{url.port}"
         status = ((secret.get("metadata") or {}).get("annotations") or {}).get(STATUS_ANNOTATION)
         # New content: an old complaint is moot (else nothing to say).
         state.unreported = ("", "", "ok") if status not in (None, "ok") else None
@@ -387,7 +560,7 @@ class Controller:
 
     def _parse(
         self, secret: dict[str, Any], now: float
-    ) -> tuple[TokenSecret, Token, str, bool, int]:
+    ) -> tuple[TokenSecret, Token, TokenURL, bool, int]:
         """The Secret's parts, its token URL, whether another tool wrote the
         token (no absolute expiry), and the stray `}` ignored after its JSON."""
         try:
@@ -402,22 +575,28 @@ class Controller:
             raise _Unusable("bad_token", f"key {parsed.token_key}: {err}") from None
         if not token.refresh_token:
             raise _Unusable("bad_token", f"key {parsed.token_key}: the token has no refresh_token")
-        url = parsed.token_url or self.config.idp.token_url
-        if not url:
-            raise _Unusable(
-                "no_token_url",
-                f"no token URL: the controller has no --token-url and the Secret no "
-                f"{OUR_PREFIX}/{TOKEN_URL} annotation",
-            )
+        if not parsed.token_url:
+            if self._default_url is None:
+                raise _Unusable(
+                    "no_token_url",
+                    f"no token URL: the controller has no --token-url and the Secret no "
+                    f"{OUR_PREFIX}/{TOKEN_URL} annotation",
+                )
+            return parsed, token, self._default_url, foreign, stray
+        # The tenant's URL: the refresh token and client secret go there, from
+        # inside the cluster network. Only where the admin said they may.
         try:
-            check_token_url(url, allow_http=self.config.idp.allow_http)
+            url = parse_token_url(parsed.token_url, allow_http=self.config.idp.allow_http)
         except InsecureURLError as err:
-            raise _Unusable("bad_token_url", str(err)) from None
-        allowed = self.config.idp.allowed_token_urls
-        if parsed.token_url and allowed and not any(url.startswith(p) for p in allowed):
+            raise _Unusable("token_url_refused", str(err), "TokenURLRefused") from None
+        if not allowed_token_url(url, self._allowed):
+            allowed = ", ".join(entry.url for entry in self._allowed) or "none"
             raise _Unusable(
-                "bad_token_url",
-                f"token URL {url} is not one of the allowed ones ({', '.join(allowed)})",
+                "token_url_refused",
+                f"token URL {url.url[:120]} is not allowed: the controller sends refresh "
+                f"tokens and client secrets only to its --token-url and --allowed-token-urls "
+                f"(same scheme, host and port, path at or below theirs): {allowed[:600]}",
+                "TokenURLRefused",
             )
         return parsed, token, url, foreign, stray
 
@@ -430,6 +609,7 @@ class Controller:
                 state.token_url, token, state.secret.client_id, state.secret.client_secret
             )
         except FinalError as err:
+            self.progress.touch()
             state.final_digest = state.digest
             state.state = "stopped"
             self._metrics.refreshes.labels(err.kind).inc()
@@ -450,13 +630,15 @@ class Controller:
             )
             return
         except RetryableError as err:
+            self.progress.touch()
             state.failures += 1
             state.state = "retrying"
             delay = self._backoff.next_delay(state.failures, err.retry_after)
             # From the failure, not the attempt: a timeout took a while already.
             state.retry_at = self._clock() + delay
             if err.kind in ("timeout", "connection"):
-                self._unreachable[state.token_url] = state.retry_at
+                with self._lock:
+                    self._unreachable[state.token_url] = state.retry_at
             self._metrics.refreshes.labels(err.kind).inc()
             left = token.lifetime(now)
             log.warning(
@@ -477,8 +659,10 @@ class Controller:
                     "current token stays in use until it expires",
                 )
             return
+        self.progress.touch()
         self._metrics.refreshes.labels("ok").inc()
-        self._unreachable.pop(state.token_url, None)
+        with self._lock:
+            self._unreachable.pop(state.token_url, None)
         state.pending, state.pending_from = new, token.refresh_token
         state.retry_at = 0.0
         self._persist(key, secret, state, now)
@@ -494,10 +678,14 @@ class Controller:
             body = self._with_token(current, state.secret.token_key, new, now)
             state.replaced.add(current["metadata"].get("resourceVersion", ""))
             try:
-                self._metrics.api_call("update", "secrets")
+                self._api_call("update", "secrets")
                 meta = current["metadata"]
                 response = self._core.replace_namespaced_secret(
-                    meta["name"], meta["namespace"], body, _preload_content=False
+                    meta["name"],
+                    meta["namespace"],
+                    body,
+                    _preload_content=False,
+                    _request_timeout=API_TIMEOUT,
                 )
                 written = json.loads(response.data)
             except Exception as err:
@@ -559,10 +747,13 @@ class Controller:
 
     def _read(self, secret: dict[str, Any]) -> dict[str, Any] | None:
         meta = secret["metadata"]
-        self._metrics.api_call("get", "secrets")
+        self._api_call("get", "secrets")
         try:
             response = self._core.read_namespaced_secret(
-                meta["name"], meta["namespace"], _preload_content=False
+                meta["name"],
+                meta["namespace"],
+                _preload_content=False,
+                _request_timeout=API_TIMEOUT,
             )
         except Exception as err:
             if getattr(err, "status", None) == NOT_FOUND:
@@ -616,14 +807,16 @@ class Controller:
     def _emit(self, ref: ObjectRef, type_: str, reason: str, message: str) -> None:
         if self._recorder is None or self.config.dry_run:
             return
-        self._metrics.api_call("create", "events")
+        self._api_call("create", "events")
         self._recorder.emit(ref, type_, reason, message)
 
     def _pods_using(self, secret: dict[str, Any]) -> list[dict[str, Any]]:
         meta = secret["metadata"]
-        self._metrics.api_call("list", "pods")
+        self._api_call("list", "pods")
         try:
-            response = self._core.list_namespaced_pod(meta["namespace"], _preload_content=False)
+            response = self._core.list_namespaced_pod(
+                meta["namespace"], _preload_content=False, _request_timeout=API_TIMEOUT
+            )
             pods = json.loads(response.data).get("items") or []
         except Exception as err:
             log.warning("cannot list pods using token Secret %s: %s", _key(secret), err)
@@ -642,13 +835,14 @@ class Controller:
         meta = secret["metadata"]
         if (meta.get("annotations") or {}).get(STATUS_ANNOTATION) == status or self.config.dry_run:
             return
-        self._metrics.api_call("patch", "secrets")
+        self._api_call("patch", "secrets")
         try:
             self._core.patch_namespaced_secret(
                 meta["name"],
                 meta["namespace"],
                 {"metadata": {"annotations": {STATUS_ANNOTATION: status[:1024]}}},
                 _preload_content=False,
+                _request_timeout=API_TIMEOUT,
             )
         except Exception as err:
             log.warning("cannot set the status of token Secret %s: %s", _key(secret), err)
@@ -662,6 +856,11 @@ class Controller:
         for name, count in counts.items():
             self._metrics.token_secrets.labels(name).set(count)
         self._metrics.unpersisted.set(unpersisted)
+
+    def _api_call(self, verb: str, resource: str) -> None:
+        """Count an API request about to be made; starting it is progress."""
+        self.progress.touch()
+        self._metrics.api_call(verb, resource)
 
     def _count_watches(self) -> None:
         """Turn the caches' list/watch counters into api_calls increments."""

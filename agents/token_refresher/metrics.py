@@ -27,7 +27,7 @@ def _refreshes(registry: CollectorRegistry) -> Counter:
         f"{PREFIX}_refreshes",
         "Refresh attempts by result: ok, or the failure's kind (invalid_grant, "
         "invalid_client, timeout, connection, http_5xx, rate_limited, bad_response, tls, "
-        "bad_token, bad_secret, token_file, ...).",
+        "bad_token, bad_secret, token_url_refused, token_file, ...).",
         ["result"],
         registry=registry,
     )
@@ -146,6 +146,18 @@ class ControllerMetrics:
         self.unpersisted = Gauge(
             f"{PREFIX}_unpersisted_tokens",
             "Refreshed tokens not yet written to their Secret (retried every pass).",
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            f"{PREFIX}_refreshes_in_flight",
+            "Refreshes a worker is doing now (IdP request and Secret write); at most "
+            "--refresh-workers, --refresh-per-host per IdP host.",
+            registry=registry,
+        )
+        self.stalled = Gauge(
+            f"{PREFIX}_stalled_seconds",
+            "Seconds the refresh pass or a refresh worker has gone without progress (0: "
+            "none busy); past --stall-limit this replica stops renewing its Lease.",
             registry=registry,
         )
 

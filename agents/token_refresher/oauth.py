@@ -17,13 +17,20 @@ No token or client secret ever reaches a log line or an exception message.
 
 from __future__ import annotations
 
+import base64
+import http.client
+import io
+import ipaddress
 import json
 import logging
 import math
 import random
 import re
+import socket
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC
 from email.utils import parsedate_to_datetime
@@ -31,9 +38,13 @@ from typing import Any, Final
 from urllib.parse import quote, quote_plus, urlsplit
 
 import requests
+import requests.adapters
 from oauthlib.oauth2 import Client as OAuthClient
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError
 
-from agents.common.logs import mask_secrets
+from agents.common.logs import mask_known_secrets, mask_secrets
 
 log = logging.getLogger(__name__)
 
@@ -428,23 +439,247 @@ def quiet_token_loggers() -> None:
             logger.setLevel(logging.INFO)
 
 
-def check_token_url(url: str, *, allow_http: bool = False) -> str:
-    """`url` if it is an https:// URL with a host (http:// only if `allow_http`),
-    else InsecureURLError: the refresh token and client secret travel in it."""
+MAX_URL_LENGTH: Final = 2048
+"""Longer token URLs are refused: real ones are a few dozen characters."""
+_DEFAULT_PORTS: Final = {"https": 443, "http": 80}
+_HOST_LABEL: Final = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
+# Percent-encoded '.', '/' and '\': a path that decodes to another one (a dot
+# segment, a separator) on the IdP's side must not pass a prefix check here.
+_ENCODED_SEPARATOR: Final = re.compile(r"%(2e|2f|5c)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class TokenURL:
+    """A token URL taken apart and normalised: what requests are sent to and
+    what the allowed URLs are compared with (never the text as written)."""
+
+    scheme: str
+    host: str
+    """Lower case, IDNA-encoded (punycode), without a trailing dot; an IPv6
+    address without its brackets."""
+    port: int
+    """The default port of the scheme when the URL names none."""
+    path: str
+    """At least "/"; never with dot segments or encoded separators."""
+
+    @property
+    def url(self) -> str:
+        """The canonical text: the one URL every request is sent to."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        port = "" if _DEFAULT_PORTS.get(self.scheme) == self.port else f":{self.port}"
+        return f"{self.scheme}://{host}{port}{self.path}"
+
+    def covers(self, other: TokenURL) -> bool:
+        """Whether `other` is this URL or below it: same scheme, host and port,
+        and a path equal to this one or under it on a segment boundary
+        (`/realms/cern` covers `/realms/cern/token`, not `/realms/cernevil`)."""
+        if (self.scheme, self.host, self.port) != (other.scheme, other.host, other.port):
+            return False
+        base = self.path.rstrip("/")
+        return other.path == self.path or other.path.startswith(base + "/")
+
+    def __str__(self) -> str:
+        return self.url
+
+
+def parse_token_url(url: str, *, allow_http: bool = False, what: str = "token URL") -> TokenURL:
+    """`url` taken apart and normalised, or InsecureURLError saying why not.
+
+    Only https:// (http:// if `allow_http`: the refresh token and the client
+    secret travel in the request), a host, no user info (`https://idp@evil/`
+    sends to evil), no query or fragment (a token endpoint takes a POSTed
+    form), no characters that parsers read differently (spaces, controls,
+    backslashes, percent-encoded dots and slashes, dot segments).
+    """
+    if not isinstance(url, str) or not url:
+        raise InsecureURLError(f"{what} is empty")
+    if len(url) > MAX_URL_LENGTH:
+        raise InsecureURLError(f"{what} is longer than {MAX_URL_LENGTH} characters")
+    shown = _where(url)
+    if any(c <= " " or c in "\\\x7f" for c in url):
+        raise InsecureURLError(f"{what} {shown!r} has spaces, control characters or backslashes")
     try:
         parts = urlsplit(url)
-        host = parts.hostname
+        port = parts.port
+        hostname = parts.hostname or ""
     except ValueError as err:
-        raise InsecureURLError(f"token URL is not a URL: {err}") from err
-    if parts.scheme == "http" and not allow_http:
+        raise InsecureURLError(f"{what} is not a URL: {err}") from None
+    scheme = parts.scheme.lower()
+    if scheme == "http" and not allow_http:
         raise InsecureURLError(
-            f"refusing plain http token URL {_where(url)}: the refresh token and the "
+            f"refusing plain http {what} {shown}: the refresh token and the "
             "client secret would cross the network in clear; use https (plain http "
             "only when explicitly allowed, for development)"
         )
-    if parts.scheme not in ("https", "http") or not host:
-        raise InsecureURLError(f"token URL must be https://<host>/..., got {_where(url)!r}")
-    return url
+    if scheme not in _DEFAULT_PORTS or not hostname:
+        raise InsecureURLError(f"{what} must be https://<host>/..., got {shown!r}")
+    if "@" in parts.netloc:
+        raise InsecureURLError(
+            f"{what} {shown!r} has user info before '@': refused (the request would "
+            "go to the host after it)"
+        )
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise InsecureURLError(f"{what} {shown!r} must have no query or fragment")
+    path = parts.path or "/"
+    if not path.isascii() or _ENCODED_SEPARATOR.search(path):
+        raise InsecureURLError(
+            f"{what} {shown!r}: the path must be ASCII without encoded '.', '/' or '\\'"
+        )
+    if any(segment in (".", "..") for segment in path.split("/")):
+        raise InsecureURLError(f"{what} {shown!r}: the path must have no '.' or '..' segments")
+    return TokenURL(scheme, _normal_host(hostname, what), port or _DEFAULT_PORTS[scheme], path)
+
+
+def _normal_host(hostname: str, what: str) -> str:
+    """The host as DNS and TLS see it: IDNA-encoded, lower case, no trailing dot."""
+    try:
+        return str(ipaddress.ip_address(hostname))
+    except ValueError:
+        pass
+    host = hostname[:-1] if hostname.endswith(".") else hostname
+    try:
+        # Python's codec is IDNA 2003 with nameprep: it folds case as well.
+        host = host.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        raise InsecureURLError(f"{what} has a host that is not a valid name") from None
+    labels = host.split(".")
+    if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise InsecureURLError(f"{what} has a host that is not a valid name")
+    return host
+
+
+def check_token_url(url: str, *, allow_http: bool = False, what: str = "token URL") -> str:
+    """The canonical form of `url` (see `parse_token_url`), else InsecureURLError."""
+    return parse_token_url(url, allow_http=allow_http, what=what).url
+
+
+def allowed_token_url(url: TokenURL, allowed: Iterable[TokenURL]) -> bool:
+    """Whether one of `allowed` covers `url` (`TokenURL.covers`)."""
+    return any(entry.covers(url) for entry in allowed)
+
+
+# -- the request, under one deadline
+
+_request_deadline = threading.local()
+"""`at`: the monotonic time the IdP request in this thread must end by.
+
+requests' timeout bounds the connect and each wait for data, not the
+request: a server that sends a byte every few seconds would hold a refresh
+forever. The connection classes below read this and give every socket
+operation at most the time left."""
+
+
+@contextmanager
+def _deadline(at: float) -> Iterator[None]:
+    _request_deadline.at = at
+    try:
+        yield
+    finally:
+        _request_deadline.at = None
+
+
+def _time_left() -> float | None:
+    at: float | None = getattr(_request_deadline, "at", None)
+    return None if at is None else at - time.monotonic()
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The response's socket file, each read given at most the time left."""
+
+    def __init__(self, sock: socket.socket, raw: Any) -> None:
+        super().__init__()
+        self._sock = sock
+        self._raw = raw
+        """socket.makefile's SocketIO: while it is open the socket's descriptor
+        stays open, even after http.client closes the connection."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = _time_left()
+        if left is not None:
+            if left <= 0:
+                raise TimeoutError("the request's deadline passed")
+            self._sock.settimeout(left)
+        count: int = self._raw.readinto(buffer)
+        return count
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    """http.client's response reading through `_DeadlineReader`: the status
+    line, the headers and the body all count against the deadline."""
+
+    def __init__(self, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        if _time_left() is not None:
+            raw = self.fp.detach()  # the buffer http.client made, not its SocketIO
+            self.fp = io.BufferedReader(_DeadlineReader(sock, raw))
+
+
+class _DeadlineConnect:
+    """Connect, then the TLS handshake, within the time left (CPython bounds a
+    whole handshake by the socket's timeout, not each read of it)."""
+
+    timeout: Any
+    response_class: Any = _DeadlineResponse
+
+    def _new_conn(self) -> socket.socket:
+        left = _time_left()
+        if left is not None:
+            if left <= 0:
+                raise ConnectTimeoutError(self, "the request's deadline passed before connecting")
+            self.timeout = left if self.timeout is None else min(self.timeout, left)
+        sock: socket.socket = super()._new_conn()  # type: ignore[misc]
+        left = _time_left()
+        if left is not None:
+            sock.settimeout(max(left, 0.001))
+        return sock
+
+
+class _DeadlineHTTPConnection(_DeadlineConnect, HTTPConnection):
+    pass
+
+
+class _DeadlineHTTPSConnection(_DeadlineConnect, HTTPSConnection):
+    pass
+
+
+class _DeadlineHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _DeadlineHTTPConnection
+
+
+class _DeadlineHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _DeadlineHTTPSConnection
+
+
+_DEADLINE_POOLS: Final = {"http": _DeadlineHTTPPool, "https": _DeadlineHTTPSPool}
+
+
+class DeadlineAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter whose connections keep to the deadline `refresh` sets
+    (proxied connections too); without one they behave as usual."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _DEADLINE_POOLS
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager.pool_classes_by_scheme = _DEADLINE_POOLS
+        return manager
+
+
+def _with_deadlines(session: requests.Session) -> requests.Session:
+    """`session` with `DeadlineAdapter` mounted (once) for http and https."""
+    for prefix in ("https://", "http://"):
+        if not isinstance(session.adapters.get(prefix), DeadlineAdapter):
+            session.mount(prefix, DeadlineAdapter())
+    return session
 
 
 def refresh(
@@ -475,14 +710,14 @@ def refresh(
     for a token URL that is not https:// (unless `allow_http`), ValueError for
     an unknown `auth_method`.
     """
-    check_token_url(token_url, allow_http=allow_http)
+    url = check_token_url(token_url, allow_http=allow_http)
     if auth_method not in AUTH_METHODS:
         raise ValueError(f"unknown auth method {auth_method!r}, expected one of {AUTH_METHODS}")
     if not token.refresh_token:
         raise FinalError("no_refresh_token", "the token has no refresh_token to refresh it with")
     sent = time.time() if now is None else now
-    where = _where(token_url)
-    secrets = (token.refresh_token, token.access_token, client_secret)
+    where = _where(url)
+    secrets = credential_forms(client_id, client_secret, token.refresh_token, token.access_token)
 
     auth: requests.auth.HTTPBasicAuth | None = None
     credentials: dict[str, str] = {}
@@ -500,37 +735,37 @@ def refresh(
     )
 
     log.debug("refreshing a token at %s (%s)", where, auth_method)
-    http = requests.Session() if session is None else session
+    http = _with_deadlines(requests.Session() if session is None else session)
+    deadline = time.monotonic() + timeout
+    late = RetryableError(
+        "timeout",
+        f"{where} did not send its whole answer within {timeout:g} s (the deadline for "
+        "the request: connect, TLS, headers and body)",
+    )
     try:
-        response = http.post(
-            token_url,
-            data=body,
-            headers=_HEADERS,
-            auth=auth,
-            timeout=timeout,
-            verify=verify,
-            allow_redirects=False,
-            stream=True,
-        )
-        try:
-            content = _read_body(response, where)
-        finally:
-            response.close()
-    except requests.exceptions.SSLError as err:
-        kind = "timeout" if "timed out" in str(err) else "tls"
-        raise RetryableError(kind, f"TLS with {where} failed: {_reason(err, secrets)}") from err
-    except requests.exceptions.Timeout as err:
-        raise RetryableError(
-            "timeout", f"{where} did not answer within {timeout:g} s: {_reason(err, secrets)}"
-        ) from err
-    except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as err:
-        raise RetryableError(
-            "connection", f"cannot reach {where}: {_reason(err, secrets)}"
-        ) from err
+        with _deadline(deadline):
+            response = http.post(
+                url,
+                data=body,
+                headers=_HEADERS,
+                auth=auth,
+                timeout=(timeout, timeout),
+                verify=verify,
+                allow_redirects=False,
+                stream=True,
+            )
+            try:
+                content = _read_body(response, where, deadline)
+            finally:
+                response.close()
     except requests.exceptions.RequestException as err:
-        raise RetryableError(
-            "bad_response", f"request to {where} failed: {_reason(err, secrets)}"
-        ) from err
+        if time.monotonic() >= deadline:
+            # However it surfaced (urllib3 turns a read timeout in the body into
+            # a ConnectionError): the deadline passed.
+            raise late from err
+        _raise_request_error(err, where, timeout, secrets)
+    except TimeoutError as err:
+        raise late from err
     finally:
         if session is None:
             http.close()
@@ -596,6 +831,31 @@ def refresh(
     )
 
 
+def _raise_request_error(
+    err: requests.exceptions.RequestException,
+    where: str,
+    timeout: float,
+    secrets: Iterable[str],
+) -> None:
+    """requests' failure before the deadline as a RetryableError."""
+    if isinstance(err, requests.exceptions.SSLError):
+        kind = "timeout" if "timed out" in str(err) else "tls"
+        raise RetryableError(kind, f"TLS with {where} failed: {_reason(err, secrets)}") from err
+    if isinstance(err, requests.exceptions.Timeout):
+        raise RetryableError(
+            "timeout", f"{where} did not answer within {timeout:g} s: {_reason(err, secrets)}"
+        ) from err
+    if isinstance(
+        err, requests.exceptions.ConnectionError | requests.exceptions.ChunkedEncodingError
+    ):
+        raise RetryableError(
+            "connection", f"cannot reach {where}: {_reason(err, secrets)}"
+        ) from err
+    raise RetryableError(
+        "bad_response", f"request to {where} failed: {_reason(err, secrets)}"
+    ) from err
+
+
 _ERROR_HINTS: Final = {
     "invalid_grant": "the refresh token was refused (expired, revoked or already used); "
     "a new token must be put into the Secret",
@@ -635,10 +895,14 @@ def _oauth_error(
     )
 
 
-def _read_body(response: requests.Response, where: str) -> bytes:
+def _read_body(response: requests.Response, where: str, deadline: float) -> bytes:
+    """The body, at most MAX_RESPONSE_BYTES, read by `deadline` (monotonic): each
+    read of the socket waits at most the time left (`_DeadlineReader`)."""
     chunks = []
     size = 0
     for chunk in response.iter_content(16384):
+        if time.monotonic() >= deadline:
+            raise TimeoutError("the request's deadline passed")
         size += len(chunk)
         if size > MAX_RESPONSE_BYTES:
             raise RetryableError(
@@ -705,7 +969,8 @@ def _retry_after(value: str | None, now: float) -> float | None:
 
 
 def _where(url: str) -> str:
-    """The URL without credentials, query or fragment: safe to log."""
+    """The URL without credentials, query or fragment, printable and at most
+    about 120 characters: safe to log and to put in an Event."""
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
@@ -714,7 +979,9 @@ def _where(url: str) -> str:
         return "<unparsable URL>"
     if ":" in host:
         host = f"[{host}]"
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+    path = parts.path if len(parts.path) <= 80 else parts.path[:77] + "..."
+    text = f"{parts.scheme}://{host[:40]}{port}{path}"
+    return "".join(c if c.isprintable() and c != " " else "?" for c in text)
 
 
 def _reason(err: BaseException, secrets: Iterable[str]) -> str:
@@ -732,24 +999,37 @@ def _reason(err: BaseException, secrets: Iterable[str]) -> str:
     return _sanitise(inner, secrets, 300)
 
 
-# Shorter secrets are not replaced: masking every "a" would garble the message,
-# and a value that short is no secret worth the name.
-_MIN_SECRET = 6
+def credential_forms(client_id: str, client_secret: str, *tokens: str) -> tuple[str, ...]:
+    """Every form in which the request carries a secret, for masking what an
+    IdP echoes: each secret as is and URL-encoded (the form body), and the
+    HTTP Basic credentials `base64(id:secret)` as sent (both parts
+    form-encoded first, RFC 6749 section 2.3.1), as plain `id:secret`, and
+    URL-encoded in turn."""
+    forms: list[str] = []
+    for secret in (client_secret, *tokens):
+        if secret:
+            forms += (secret, quote(secret, safe=""), quote_plus(secret))
+    if client_secret:
+        for pair in (
+            f"{quote(client_id, safe='')}:{quote(client_secret, safe='')}",
+            f"{client_id}:{client_secret}",
+        ):
+            forms.append(pair)
+            for b64 in (
+                base64.b64encode(pair.encode()).decode(),
+                base64.urlsafe_b64encode(pair.encode()).decode(),
+            ):
+                forms += (b64, b64.rstrip("="), quote(b64, safe=""), quote_plus(b64))
+    return tuple(dict.fromkeys(forms))
 
 
 def _sanitise(text: object, secrets: Iterable[str], limit: int = 200) -> str:
-    """One line of at most `limit` characters with the known secrets and
-    anything token-like masked: IdPs and libraries may echo what was sent."""
-    forms = {
-        form
-        for secret in secrets
-        if len(secret) >= _MIN_SECRET
-        for form in (secret, quote(secret, safe=""), quote_plus(secret))
-    }
-    result = str(text)
-    if forms:
-        # One pass, longest first: a secret inside another is not half-masked.
-        pattern = "|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True))
-        result = re.sub(pattern, "<redacted>", result)
-    result = mask_secrets(" ".join(result.split()))
+    """One line of at most `limit` printable characters, with every substring
+    of 8+ characters of a known secret (any case) and anything token-like
+    masked: IdPs and libraries may echo what was sent. For Events and logs."""
+    # Cut first (the masking is linear in the text; an IdP may send a MiB),
+    # with room for the masks to grow the text.
+    result = str(text)[: 4 * limit]
+    result = "".join(c if c.isprintable() else " " for c in result)
+    result = mask_secrets(mask_known_secrets(" ".join(result.split()), secrets))
     return result if len(result) <= limit else result[: limit - 3] + "..."
