@@ -19,6 +19,7 @@ tests/support/idp.py, so the controller verifies it for real.
 from __future__ import annotations
 
 import json
+import select
 import socket
 import ssl
 import threading
@@ -137,9 +138,18 @@ class HostileTokenEndpoint:
             conn.close()
 
     def _drip(self, stream: socket.socket, byte: bytes) -> None:
-        """One byte every `drip` seconds until the client goes or the test ends."""
-        while not self._stop.wait(self.drip):
-            stream.sendall(byte)
+        """One byte every `drip` seconds until the client goes or the test ends.
+
+        The client's close is seen at once (the socket turns readable at EOF),
+        so `max_open` counts the connections a client really holds."""
+        deadline = time.monotonic() + self.drip
+        while not self._stop.is_set():
+            readable, _, _ = select.select([stream], [], [], 0.05)
+            if readable and not stream.recv(1):
+                return
+            if time.monotonic() >= deadline:
+                stream.sendall(byte)
+                deadline += self.drip
 
 
 def _read_request(stream: socket.socket) -> tuple[dict[str, str], bytes]:
