@@ -158,7 +158,8 @@ def test_a_server_that_trickles_its_answer_times_out_at_the_deadline(
 
 def echo_everything(headers: dict[str, str], body: bytes, count: int) -> tuple[int, dict[str, str]]:
     echoed = (
-        f"you sent Authorization: {headers.get('Authorization')} and {body.decode()}; "
+        f"client {CLIENT_ID}, you sent Authorization: {headers.get('Authorization')} "
+        f"and {body.decode()}; "
         f"AUTHORIZATION: {str(headers.get('Authorization')).upper()}; "
         f"refresh token starting {REFRESH[:12]}, your token {ACCESS.upper()}, "
         f"secret {CLIENT_SECRET.upper()} / {quote(CLIENT_SECRET.lower())}"
@@ -191,4 +192,6 @@ def test_an_echoing_idp_gets_no_piece_of_a_secret_into_an_error() -> None:
         assert len(message) < 400, message
         assert message.isprintable()
         assert not leaked(message, pieces), message
-    assert any("you sent Authorization: Basic <redacted>" in m for m in messages), messages
+    assert any("Authorization: Basic <redacted>" in m for m in messages), messages
+    # What is no secret stays readable.
+    assert all("client tenant-client, you sent" in m for m in messages), messages
