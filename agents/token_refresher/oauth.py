@@ -1003,8 +1003,8 @@ def credential_forms(client_id: str, client_secret: str, *tokens: str) -> tuple[
     """Every form in which the request carries a secret, for masking what an
     IdP echoes: each secret as is and URL-encoded (the form body), and the
     HTTP Basic credentials `base64(id:secret)` as sent (both parts
-    form-encoded first, RFC 6749 section 2.3.1), as plain `id:secret`, and
-    URL-encoded in turn."""
+    form-encoded first, RFC 6749 section 2.3.1) and of the plain pair, each
+    also URL-encoded."""
     forms: list[str] = []
     for secret in (client_secret, *tokens):
         if secret:
@@ -1014,7 +1014,8 @@ def credential_forms(client_id: str, client_secret: str, *tokens: str) -> tuple[
             f"{quote(client_id, safe='')}:{quote(client_secret, safe='')}",
             f"{client_id}:{client_secret}",
         ):
-            forms.append(pair)
+            # Not the pair itself: its secret part is masked as the secret, and
+            # the client ID alone is no secret (messages name it).
             for b64 in (
                 base64.b64encode(pair.encode()).decode(),
                 base64.urlsafe_b64encode(pair.encode()).decode(),

@@ -138,3 +138,28 @@ def test_a_bad_configuration_is_refused() -> None:
         LeaderElector(None, name="x", namespace="d", identity="")
     with pytest.raises(ValueError, match="shorter"):
         LeaderElector(None, name="x", namespace="d", identity="a", renew_interval=30)
+
+
+def test_an_unhealthy_leader_stops_renewing_without_releasing_and_a_candidate_takes_over(
+    kube: FakeKube, api: Any
+) -> None:
+    clock = Clock()
+    problem: list[str] = []
+    a = elector(api, "a", clock, health=lambda: problem[0] if problem else None)
+    b = elector(api, "b", clock)
+    assert a.try_acquire_or_renew()
+    renewed = lease(kube)["spec"]["renewTime"]
+    problem.append("the refresh pass made no progress for 40 s (limit 30 s)")
+    clock.now += 2
+    writes = kube.count("PUT", r".*/leases/demo")
+    assert not a.try_acquire_or_renew()
+    # Not leading at once (no new IdP call), the Lease neither renewed nor released.
+    assert not a.is_leader() and a.unhealthy.startswith("the refresh pass")
+    assert kube.count("PUT", r".*/leases/demo") == writes
+    assert lease(kube)["spec"]["holderIdentity"] == "a"
+    assert lease(kube)["spec"]["renewTime"] == renewed
+    assert not b.try_acquire_or_renew()  # the Lease has not run out yet
+    clock.now += 16
+    assert b.try_acquire_or_renew() and lease(kube)["spec"]["holderIdentity"] == "b"
+    problem.clear()
+    assert not a.try_acquire_or_renew() and a.unhealthy == ""  # campaigns again: b holds it

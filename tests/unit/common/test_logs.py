@@ -6,11 +6,12 @@ import io
 import json
 import logging
 import re
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from agents.common.logs import mask_secrets, setup_logging
+from agents.common.logs import mask_known_secrets, mask_secrets, setup_logging
 
 LOGGER = "agents.demo"
 
@@ -220,3 +221,64 @@ def test_secret_in_extra_field_is_masked(fmt: str) -> None:
         "calling the API", extra={"authorization": "Bearer eyJhbGciOiJSUzI1NiJ9.c2ln"}
     )
     assert "eyJhbGciOiJSUzI1NiJ9.c2ln" not in stream.getvalue()
+
+
+# -- known secrets: every piece of them, in any case ---------------------------
+
+KNOWN = "Rt-6aB1cD4eF7gH0iJ3kL5mN8oPqR"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"the token {KNOWN} is revoked",
+        f"refresh token starting {KNOWN[:8]}",
+        f"refresh token ending {KNOWN[-9:]}.",
+        f"your token {KNOWN.upper()} and {KNOWN.lower()}",
+        f"twice: {KNOWN[2:14]} {KNOWN[10:30]}",
+    ],
+)
+def test_every_8_character_piece_of_a_known_secret_is_masked_in_any_case(text: str) -> None:
+    masked = mask_known_secrets(text, [KNOWN, "other-secret-value"])
+    folded = masked.lower()
+    assert "<redacted>" in masked
+    assert not [i for i in range(len(KNOWN) - 7) if KNOWN[i : i + 8].lower() in folded], masked
+
+
+def test_known_secret_masking_keeps_everything_else() -> None:
+    text = "invalid_grant: the refresh token was refused for client tenant-client"
+    assert mask_known_secrets(text, [KNOWN, "s3cr3t"]) == text
+    assert mask_known_secrets("client secret s3cr3t! S3CR3T", ["s3cr3t"]) == (
+        "client secret <redacted>! <redacted>"
+    )
+    assert mask_known_secrets("abc abc", ["abc"]) == "abc abc"  # too short to be a secret
+
+
+def test_known_secret_masking_is_linear_not_a_pattern_per_piece() -> None:
+    """A 600 kB token (a tenant's) and a 2 KB echo: well under a second."""
+    huge = "".join(f"{i:07x}Z" for i in range(75_000))
+    text = "echo: " + huge[300_000:301_000] + " and " + huge[-900:].upper()
+    started = time.monotonic()
+    masked = mask_known_secrets(text, [huge, KNOWN])
+    assert time.monotonic() - started < 1.0
+    assert masked == "echo: <redacted> and <redacted>"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Authorization: Basic dGVuYW50LWNsaWVudDpDcy05ZksyeFE3bVo0cEw4dk4zdFI2d1kx",
+        "authorization: basic dGVuYW50LWNsaWVudDpDcy05ZksyeFE3bVo0cEw4dk4zdFI2d1kx",
+        "AUTHORIZATION: BASIC DGVUYW50LWNSAWVUDDPDCY05ZKSYEFE3BVO0CEW4DK4ZDFI2D1KX",
+        "Basic%20dGVuYW50LWNsaWVudDpDcy05ZksyeFE3bVo0cEw4dk4zdFI2d1kx%3D",
+    ],
+)
+def test_http_basic_credentials_are_masked_in_any_case(text: str) -> None:
+    masked = mask_secrets(text.replace("%20", " "))
+    assert masked.lower().endswith("basic <redacted>"), masked
+
+
+def test_the_word_basic_alone_is_kept() -> None:
+    assert mask_secrets("falling back to basic authentication") == (
+        "falling back to basic authentication"
+    )
