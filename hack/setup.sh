@@ -11,6 +11,11 @@ cd "$(dirname "$0")/.."
 # of that name (kubectl 1.32, kustomize v5.5) is the one meant: Debian's own
 # `kubernetes-client` (1.20, kustomize v2) is too old to render them.
 APT_PACKAGES=(autofs squashfuse squashfs-tools fuse3 prometheus kubectl)
+# The real-node tests (tests/realnode): containerd and runc run real containers
+# (hybrid cgroups here: runc, not crun), buildah builds the image, podman runs
+# it, and debootstrap makes the base root filesystem (hack/base_image.py): no
+# image registry is reachable.
+APT_PACKAGES+=(containerd runc buildah podman debootstrap)
 # A kernel built without autofs cannot mount one: hack/test.sh then runs the
 # autofs tests in a qemu VM with Debian's kernel (hack/vm.py fetches that
 # kernel and busybox-static itself, with apt-get download).
