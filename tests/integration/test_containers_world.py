@@ -12,14 +12,9 @@ import pytest
 from agents.common.attribution import bare_container_id, processes_of_containers, read_cgroup
 from hack.cgroups import cgroup_in, mounted_hierarchies
 from hack.containers import ContainerWorld, new_pod_uid
-from tests.support.containers import build_init, container_world
+from tests.support.containers import container_world
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture(scope="session")
-def container_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_init(tmp_path_factory)
 
 
 @pytest.fixture

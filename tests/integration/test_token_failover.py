@@ -43,20 +43,14 @@ from agents.token_refresher.tls import client_context
 from hack.autofs_world import wait_for
 from hack.containers import Container
 from tests.integration.test_token_injector import (
-    AGENTS_NS,
-    NS,
-    Cluster,
     entry,
     file_of,
-    free_port,
     has,
     to_inject,
     token_secret,
 )
 from tests.support.agent import AgentThread
-from tests.support.containers import build_init, container_world
-from tests.support.fake_kube import FakeKube
-from tests.support.rbac import bundle_rbac
+from tests.support.token_cluster import AGENTS_NS, NS, Cluster, free_port
 from tests.support.token_files import FilesStream, Received
 
 pytestmark = pytest.mark.root
@@ -356,23 +350,6 @@ class FileSampler:
 
 
 # -- the cluster ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def container_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_init(tmp_path_factory)
-
-
-@pytest.fixture
-def cluster(container_init: Path, tmp_path: Path) -> Iterator[Cluster]:
-    with (
-        container_world(tmp_path / "containers", container_init) as containers,
-        FakeKube(rbac_objects=bundle_rbac()) as kube,
-    ):
-        for namespace in (NS, AGENTS_NS):
-            kube.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
-        yield Cluster(kube, containers, tmp_path)
-        assert kube.denied() == []
 
 
 def injector(cluster: Cluster, *urls: str) -> AgentThread:

@@ -1,6 +1,6 @@
 """Red team: what a hostile tenant writes cannot stop its neighbours (issue 11, points 1, 2, 7).
 
-The `Cluster` harness of test_token_injector.py: the fake API (real HTTP), a real
+The `Cluster` of tests/support/token_cluster.py: the fake API (real HTTP), a real
 controller serving files over TLS, a real injector writing into fake
 containers (chrooted processes in kubelet-like cgroups). A hostile tenant
 (namespace `science`) writes its worst; a neighbour tenant (namespace
@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,20 +28,14 @@ import agents.token_refresher.injector as injector_module
 from hack.autofs_world import wait_for
 from hack.containers import Container, new_pod_uid
 from tests.integration.test_token_injector import (
-    AGENTS_NS,
     CERN,
     EOS,
-    NODE,
-    NS,
-    Cluster,
     eos,
     file_of,
     has,
 )
-from tests.support.containers import build_init, container_world
-from tests.support.fake_kube import FakeKube
 from tests.support.memcg import MI, agent_in_memcg
-from tests.support.rbac import bundle_rbac
+from tests.support.token_cluster import AGENTS_NS, NODE, NS, Cluster
 from tests.support.tokens import token_secret_object
 
 pytestmark = pytest.mark.root
@@ -182,24 +176,6 @@ class Neighbour:
         self.version += 1
         self._put()
         return self.served()
-
-
-@pytest.fixture(scope="session")
-def container_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_init(tmp_path_factory)
-
-
-@pytest.fixture
-def cluster(container_init: Path, tmp_path: Path) -> Iterator[Cluster]:
-    """test_token_injector.py's cluster (its module's fixture, not importable as one)."""
-    with (
-        container_world(tmp_path / "containers", container_init) as containers,
-        FakeKube(rbac_objects=bundle_rbac()) as kube,
-    ):
-        for name in (NS, AGENTS_NS):
-            kube.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-        yield Cluster(kube, containers, tmp_path)
-        assert kube.denied() == []
 
 
 @pytest.fixture

@@ -1,0 +1,198 @@
+"""The token-delivery cluster of the injector tests: fake API, fake containers, both agents.
+
+`Cluster` holds a fake API server (real HTTP, the bundle's RBAC), a world of fake
+containers (real chrooted processes in kubelet-like cgroups, hack/containers.py)
+and the argv of a real controller serving files over TLS and of a real injector
+streaming them. The `container_init` and `cluster` fixtures are in
+tests/integration/conftest.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agents.token_refresher.cli import main
+from hack.autofs_world import wait_for
+from hack.containers import Container, ContainerWorld, new_pod_uid
+from tests.support.agent import AgentThread
+from tests.support.containers import container_world
+from tests.support.fake_kube import FakeKube
+from tests.support.rbac import bundle_rbac
+from tests.support.token_files import AUDIENCE, INJECTOR_LABELS, INJECTOR_SA
+
+NODE = "node-a"
+NS = "science"
+AGENTS_NS = "node-agents"  # the bundle's namespace: RBAC grants the agents' Roles there
+CONTROLLER_SA = "token-refresher-controller"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Cluster:
+    """A fake API server, fake containers, a controller serving files, and helpers."""
+
+    kube: FakeKube
+    containers: ContainerWorld
+    tmp: Path
+    files_port: int = field(default_factory=free_port)
+
+    def pod(
+        self,
+        name: str,
+        annotations: dict[str, str],
+        containers: tuple[str, ...] = ("app",),
+        *,
+        node: str = NODE,
+        dirs: tuple[str, ...] = (),
+    ) -> list[Container]:
+        """Start the pod's containers and publish the pod as its kubelet would."""
+        uid = new_pod_uid()
+        started = self.containers.add_many([(uid, c) for c in containers], dirs=dirs)
+        self.kube.put(self.containers.pod(name, NS, node, started, annotations))
+        return started
+
+    def republish(self, name: str, started: list[Container], annotations: dict[str, str]) -> None:
+        self.kube.put(self.containers.pod(name, NS, NODE, started, annotations))
+
+    @property
+    def kubeconfig(self) -> Path:
+        """The injector's: its ServiceAccount's token, the bundle's rules."""
+        return self.kube.kubeconfig(
+            self.tmp / "kubeconfig-injector", service_account=f"{AGENTS_NS}/{INJECTOR_SA}"
+        )
+
+    def argv(self, *extra: str, interval: float = 0.3) -> list[str]:
+        return [
+            "injector",
+            "--kubeconfig",
+            str(self.kubeconfig),
+            # In a pod its ServiceAccount mount says where it runs.
+            "--own-namespace",
+            AGENTS_NS,
+            "--node-name",
+            NODE,
+            "--interval",
+            str(interval),
+            "--metrics-address",
+            "off",
+            "--controller-url",
+            f"https://127.0.0.1:{self.files_port}",
+            "--controller-token-file",
+            str(self.projected_token()),
+            "--state-file",
+            str(self.tmp / "injector-state" / "files.json"),
+            *extra,
+        ]
+
+    def projected_token(self) -> Path:
+        """The injector pod's projected token (audience of the file server), as kubelet
+        writes it; the pod is published first, as the DaemonSet's would be."""
+        name = f"injector-{NODE}"
+        pod = self.kube.get("pods", AGENTS_NS, name)
+        if pod is None:
+            pod = self.kube.put(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {
+                        "name": name,
+                        "namespace": AGENTS_NS,
+                        "uid": new_pod_uid(),
+                        "labels": dict(INJECTOR_LABELS),
+                    },
+                    "spec": {
+                        "nodeName": NODE,
+                        "serviceAccountName": INJECTOR_SA,
+                        "containers": [{"name": "injector", "image": "node-agents"}],
+                    },
+                    "status": {"phase": "Running"},
+                }
+            )
+        meta = pod["metadata"]
+        path = self.tmp / "projected" / "token"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(
+            self.kube.service_account_token(
+                AGENTS_NS,
+                INJECTOR_SA,
+                audiences=(AUDIENCE,),
+                pod=(meta["name"], meta["uid"]),
+            )
+        )
+        return path
+
+    def controller_argv(self, *extra: str) -> list[str]:
+        kubeconfig = self.kube.kubeconfig(
+            self.tmp / "kubeconfig-controller", service_account=f"{AGENTS_NS}/{CONTROLLER_SA}"
+        )
+        return [
+            "controller",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--own-namespace",
+            AGENTS_NS,
+            "--interval",
+            "0.3",
+            "--metrics-address",
+            "off",
+            "--files-address",
+            f"127.0.0.1:{self.files_port}",
+            "--tls-names",
+            "127.0.0.1",
+            "--identity",
+            "replica-a",
+            # Never called (no token is due within a test), but a Secret without a
+            # token URL would be reported, and its status written, at every change.
+            "--token-url",
+            "https://idp.invalid/token",
+            *extra,
+        ]
+
+    @contextlib.contextmanager
+    def controller(self, *extra: str) -> Iterator[AgentThread]:
+        """The controller, once its file server answers with its CA published."""
+        with AgentThread(main, self.controller_argv(*extra)) as controller:
+            wait_for(lambda: self.kube.get("configmaps", AGENTS_NS, "token-refresher-ca"), 20)
+            wait_for(self._files_listening, 20)
+            yield controller
+
+    def _files_listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.files_port), 0.5).close()
+        except OSError:
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def injector(
+        self, *extra: str, interval: float = 0.3, controller: tuple[str, ...] = ()
+    ) -> Iterator[AgentThread]:
+        """The injector (yielded: tests read its metrics), with a controller serving it."""
+        with (
+            self.controller(*controller),
+            AgentThread(main, self.argv(*extra, interval=interval)) as agent,
+        ):
+            yield agent
+
+
+@contextlib.contextmanager
+def token_cluster(container_init: Path, tmp_path: Path) -> Iterator[Cluster]:
+    """A Cluster with the tenant's and the agents' namespaces; at its end, the bundle's
+    RBAC refused neither agent anything it needs (nor allowed what it must not)."""
+    with (
+        container_world(tmp_path / "containers", container_init) as containers,
+        FakeKube(rbac_objects=bundle_rbac()) as kube,
+    ):
+        for namespace in (NS, AGENTS_NS):
+            kube.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+        yield Cluster(kube, containers, tmp_path)
+        assert kube.denied() == []
