@@ -45,10 +45,10 @@ from tests.integration.test_token_controller import (
     leading,
     token_secret,
 )
-from tests.support.agent import AgentThread
 from tests.support.fake_kube import FakeKube, find_resource
 from tests.support.hostile_idp import CountingListener, HostileTokenEndpoint
 from tests.support.idp import IDP_LOGGERS, TestIdP
+from tests.support.memcg import BoundedAgent
 from tests.support.token_files import put_pod
 from tests.support.tokens import token_secret_object
 
@@ -56,6 +56,7 @@ STATUS = "token-refresher.node-agents.io/status"
 TOKEN_URL = f"{CERN}/token-url"
 TENANT = "evil"
 REFRESHES = "token_refresher_refreshes_total"
+CONTROLLER_MANIFEST = "token-refresher/controller.yaml"
 
 
 @pytest.fixture
@@ -122,7 +123,7 @@ def test_a_slow_loris_token_url_times_out_alone_and_the_neighbours_refresh_on_ti
             "--allowed-token-urls",
             slow.url,
         )
-        with AgentThread(main, args) as agent:
+        with BoundedAgent(args, CONTROLLER_MANIFEST, log=tmp_path / "controller.log") as agent:
             leading(agent)
             for n in range(4):
                 kube.put(tenant_secret(f"slow-{n}", slow.url))
@@ -310,7 +311,7 @@ def test_token_urls_outside_the_allowed_ones_are_refused_and_never_connected_to(
             "query": f"{idp.token_url}?redirect=https://127.0.0.1:{port}/",
         }
         args = argv(kube, idp, tmp_path, "--allowed-token-urls", "https://auth.example.org/realms/")
-        with AgentThread(main, args) as agent:
+        with BoundedAgent(args, CONTROLLER_MANIFEST, log=tmp_path / "controller.log") as agent:
             kube.put(token_secret(leading(agent) and idp, "neighbour"))
             for name, url in attacks.items():
                 kube.put(tenant_secret(name, url))
@@ -318,6 +319,13 @@ def test_token_urls_outside_the_allowed_ones_are_refused_and_never_connected_to(
             wait_for(lambda: agent.value(REFRESHES, {"result": "ok"}) >= 2, 15)
             time.sleep(1)
             refused = agent.value(REFRESHES, {"result": "token_url_refused"})
+            # Only the neighbour's refreshes reached the IdP (once none is in flight).
+            wait_for(
+                lambda: (
+                    idp.token_calls("refresh_token") == agent.value(REFRESHES, {"result": "ok"})
+                ),
+                5,
+            )
     assert listener.connections == 0
     assert refused == len(attacks)
     for name in attacks:
@@ -327,8 +335,6 @@ def test_token_urls_outside_the_allowed_ones_are_refused_and_never_connected_to(
         assert len(event["message"]) <= 1024 and event["message"].isprintable()
     assert "is not allowed" in about(kube, "TokenURLRefused", "other-port")[0]["message"]
     assert "user info" in about(kube, "TokenURLRefused", "userinfo-idp")[0]["message"]
-    # Only the neighbour's refreshes reached the IdP.
-    assert idp.token_calls("refresh_token") == agent.value(REFRESHES, {"result": "ok"})
 
 
 @pytest.mark.parametrize(
@@ -384,7 +390,7 @@ def test_an_idp_echoing_credentials_gets_no_piece_of_them_into_events_status_or_
     caplog.set_level(logging.DEBUG)
     with HostileTokenEndpoint("echo", context=idp.ca.server_context(), answer=echo) as server:
         args = argv(kube, idp, tmp_path, "--allowed-token-urls", server.url)
-        with AgentThread(main, args) as agent:
+        with BoundedAgent(args, CONTROLLER_MANIFEST, log=tmp_path / "controller.log") as agent:
             leading(agent)
             for n, tenant in enumerate(tenants):
                 kube.put(tenant_secret(f"echoed-{n}", server.url, **tenant))
@@ -401,6 +407,8 @@ def test_an_idp_echoing_credentials_gets_no_piece_of_them_into_events_status_or_
             )
             wait_for(lambda: len(events(kube, "TokenRefreshFailed", "Pod")) >= 1, 20)
             time.sleep(0.5)
+        # What the agent wrote to its own output, as an operator's log collector has it.
+        agent_log = agent.log_text().splitlines()
     pieces: set[str] = set()
     for tenant in tenants:
         basic = base64.b64encode(f"{tenant['client_id']}:{tenant['client_secret']}".encode())
@@ -427,6 +435,8 @@ def test_an_idp_echoing_credentials_gets_no_piece_of_them_into_events_status_or_
             if record.exc_info:
                 text += logging.Formatter().formatException(record.exc_info)
             texts.append(f"log {record.name}: {text}")
+    texts += [f"agent log: {line}" for line in agent_log]
+    assert len(agent_log) > 10  # it logged, and the lines are scanned
     assert any("Basic <redacted>" in t for t in texts if t.startswith("event")), texts
     assert len([t for t in texts if t.startswith("event")]) >= 8  # Secrets and pods
     assert any("TokenRefreshRetrying" in t for t in texts), texts  # a retryable answer too

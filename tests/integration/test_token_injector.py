@@ -559,7 +559,7 @@ def test_a_non_root_tenant_cannot_have_its_etc_passwd_replaced(cluster: Cluster)
     (good,) = cluster.pod("good", to_inject(entry()))
 
     # The default prefix, /tmp/: refused before anything is looked at.
-    with cluster.injector() as agent:
+    with cluster.injector(memcg=True) as agent:
         wait_for(lambda: has(file_of(good), b"at-1"), 10)
         wait_for(lambda: agent.value(FAILURES, {"reason": "path_not_allowed"}) == 2, 5)
         wait_for(lambda: len(refusals(kube, "tenant", "--allowed-path-prefixes")) == 2, 5)
@@ -568,7 +568,7 @@ def test_a_non_root_tenant_cannot_have_its_etc_passwd_replaced(cluster: Cluster)
         assert_updates_quickly(cluster, good, "at-2")
 
     # /etc/ allowed by the admin: still the owner's rights, and root's file is not uid 1000's.
-    with cluster.injector("--allowed-path-prefixes", "/tmp/,/etc/") as agent:
+    with cluster.injector("--allowed-path-prefixes", "/tmp/,/etc/", memcg=True) as agent:
         wait_for(lambda: agent.value(FAILURES, {"reason": "foreign_owner"}) == 1, 10)
         wait_for(lambda: agent.value(FAILURES, {"reason": "permission_denied"}) == 1, 5)
         wait_for(lambda: len(refusals(kube, "tenant")) == 4, 5)
@@ -597,7 +597,7 @@ def test_a_file_of_another_uid_in_a_sticky_tmp_is_not_replaced(cluster: Cluster)
     os.chown(theirs, 2000, 2000)
     before = theirs.stat()
     (good,) = cluster.pod("good", to_inject(entry()))
-    with cluster.injector() as agent:
+    with cluster.injector(memcg=True) as agent:
         wait_for(lambda: agent.value(FAILURES, {"reason": "foreign_owner"}) == 1, 10)
         wait_for(lambda: refusals(kube, "tenant", "owned by uid 2000", "never replaced"), 5)
         assert has(file_of(good), b"at-1")
@@ -647,7 +647,7 @@ def test_another_users_files_on_a_shared_volume_are_not_replaced(cluster: Cluste
         )
     before = {name: (volume / name).stat() for name in ("data", "drop/oauthtk_1000")}
     try:
-        with cluster.injector() as agent:
+        with cluster.injector(memcg=True) as agent:
             # The volume's owner writes through the bind mount, with its own rights.
             wait_for(lambda: has(volume / "token", b"at-1"), 10)
             assert owner_and_mode(volume / "token") == (2000, 2000, 0o400)
@@ -726,7 +726,7 @@ def test_paths_into_a_stopped_fuse_mount_are_refused_without_asking_it(cluster: 
         daemons = [squashfuse_at(image, target) for target in targets]
         for daemon in daemons:
             daemon.suspend()  # a hung CVMFS, or the tenant's own stopped daemon
-        with cluster.injector() as agent, resumed_at_exit(*daemons):
+        with cluster.injector(memcg=True) as agent, resumed_at_exit(*daemons):
             took = wait_for(lambda: agent.value(FAILURES, {"reason": "refused_filesystem"}) == 2, 5)
             assert took < 2.0, f"refusing took {took:.2f}s"
             wait_for(lambda: has(file_of(good), b"at-1"), 5)
@@ -770,7 +770,7 @@ def test_a_write_stuck_in_the_kernel_is_abandoned_at_its_deadline(cluster: Clust
             ["mount", "-t", "overlay", "overlay", "-o", options, str(merged)], check=True
         )
         daemon.suspend()
-        with cluster.injector("--write-timeout", "1") as agent, resumed_at_exit(daemon):
+        with cluster.injector("--write-timeout", "1", memcg=True) as agent, resumed_at_exit(daemon):
             wait_for(lambda: has(file_of(good), b"at-1"), 10)
             took = wait_for(lambda: agent.value(FAILURES, {"reason": "write_timeout"}) == 1, 5)
             wait_for(lambda: refusals(kube, "overlay-tmp", "did not finish within 1 s"), 5)
@@ -810,7 +810,7 @@ def test_an_unencodable_path_fails_only_its_own_file(cluster: Cluster) -> None:
     }
     cluster.pod("surrogate", annotations)
     (good,) = cluster.pod("good", to_inject(entry()))
-    with cluster.injector() as agent:
+    with cluster.injector(memcg=True) as agent:
         wait_for(lambda: has(file_of(good), b"at-1"), 10)
         wait_for(lambda: [e for e in events(kube, pod="surrogate") if e["type"] == "Warning"], 5)
         assert_updates_quickly(cluster, good, "at-2")

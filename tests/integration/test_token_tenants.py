@@ -34,7 +34,7 @@ from tests.integration.test_token_injector import (
     file_of,
     has,
 )
-from tests.support.memcg import MI, agent_in_memcg
+from tests.support.memcg import MI, agent_in_memcg, manifest_memory_limit
 from tests.support.token_cluster import AGENTS_NS, NODE, NS, Cluster
 from tests.support.tokens import token_secret_object
 
@@ -194,7 +194,7 @@ def scan_for_secrets(
 ) -> None:
     """The scan every red-team test ends with: Events, log records (with tracebacks)."""
     lines = [r.getMessage() for r in logs.records]
-    lines += [logs.text, *more]
+    lines += [logs.text, cluster.agent_logs(), *more]
     scanned = secrets.assert_not_in([*event_texts(cluster), *lines])
     assert scanned > len(lines)  # Events were there to scan
 
@@ -225,7 +225,7 @@ def test_a_lone_surrogate_anywhere_a_tenant_writes_fails_only_that_file(
         pod_in(cluster, NS, name, hostile_annotations)
     good = pod_in(cluster, NS, "good", to_inject(entry()))
     neighbour = Neighbour(cluster, secrets)
-    with cluster.injector() as agent:
+    with cluster.injector(memcg=True) as agent:
         neighbour.served()
         wait_for(lambda: has(file_of(good), b"science-access-token-1"), 5)
         wait_for(lambda: all(warnings(cluster, NS, name) for name in hostile), 10)
@@ -239,7 +239,8 @@ def test_a_lone_surrogate_anywhere_a_tenant_writes_fails_only_that_file(
         assert agent.value(FAILURES, {"reason": "bad_annotation"}) == 1
         assert agent.value(FAILURES, {"reason": "bad_template"}) == 1
         assert agent.value(TICK_FAILURES) == 0
-        assert "Traceback" not in logs.text  # refused when parsed, no internal error
+        # Refused when parsed, no internal error.
+        assert "Traceback" not in logs.text + cluster.agent_logs()
     scan_for_secrets(cluster, secrets, logs)
 
 
@@ -266,7 +267,7 @@ def test_an_annotation_flood_is_one_event_and_a_bounded_number_of_requests(
     # 16 entries at the caps, all naming one template, on three pods: one read of it.
     many = [entry(path=f"/tmp/t{i}", templateConfigMapName="eos") for i in range(16)]
     at_caps = [pod_in(cluster, NS, f"at-caps-{i}", to_inject(*many)) for i in range(3)]
-    with cluster.injector() as agent:
+    with cluster.injector(memcg=True) as agent:
         neighbour.served()
         before = [neighbour.update() for _ in range(3)]
         wait_for(
@@ -321,22 +322,6 @@ def test_a_pod_whose_every_file_fails_posts_a_burst_of_events_then_is_counted(
 
 # -- point 2: files at the caps, on one node, within the manifests' memory limits ---------
 
-MANIFESTS = Path(__file__).resolve().parents[2] / "manifests" / "token-refresher"
-
-
-def manifest_memory_limit(name: str) -> int:
-    """The memory limit of the agent's container in its manifest (bytes)."""
-    import yaml
-
-    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
-    for doc in yaml.safe_load_all((MANIFESTS / f"{name}.yaml").read_text()):
-        if not doc or doc.get("kind") not in ("Deployment", "DaemonSet"):
-            continue
-        for container in doc["spec"]["template"]["spec"]["containers"]:
-            limit = str(container["resources"]["limits"]["memory"])
-            return int(limit[:-2]) * units[limit[-2:]]
-    raise AssertionError(f"no memory limit in {name}.yaml")
-
 
 def random_token(size: int) -> str:
     import secrets as random_secrets
@@ -353,8 +338,8 @@ def test_files_at_the_caps_on_one_node_stay_within_the_agents_memory_limits(
     cgroup with its manifest's limit, stay alive and under it; the tenant is told
     which limit it hit; the neighbour's file updates in its normal time."""
     kube = cluster.kube
-    controller_limit = manifest_memory_limit("controller")
-    injector_limit = manifest_memory_limit("injector")
+    controller_limit = manifest_memory_limit("token-refresher/controller.yaml")
+    injector_limit = manifest_memory_limit("token-refresher/injector.yaml")
     assert (controller_limit, injector_limit) == (768 * MI, 192 * MI)
     neighbour = Neighbour(cluster, secrets)
     controller_argv = cluster.controller_argv()

@@ -23,9 +23,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -242,6 +244,100 @@ def agent_in_memcg(
                     process.kill()
                     process.wait(5)
             out.close()
+
+
+MANIFESTS = Path(__file__).resolve().parents[2] / "manifests"
+_UNITS = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+
+
+def manifest_memory_limit(manifest: str) -> int:
+    """The memory limit (bytes) of the first container in a manifest under manifests/,
+    e.g. `token-refresher/injector.yaml`: what the kubelet's cgroup would enforce."""
+    import yaml
+
+    for doc in yaml.safe_load_all((MANIFESTS / manifest).read_text()):
+        if not doc or doc.get("kind") not in ("Deployment", "DaemonSet"):
+            continue
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            limit = str(container["resources"]["limits"]["memory"])
+            return int(limit[:-2]) * _UNITS[limit[-2:]]
+    raise AssertionError(f"no memory limit in {manifest}")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class BoundedAgent:
+    """`with BoundedAgent(argv, manifest, log=...) as agent:` the agent as a process in a
+    memory cgroup with its manifest's limit, read like tests/support/agent.AgentThread:
+    `value()` scrapes its /metrics (a port of its own on loopback).
+
+    The block ends with the check the red-team tests make of every agent they
+    attack: it is still alive, was never OOM-killed and stayed under its limit.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        manifest: str,
+        *,
+        log: Path,
+        module: str = "agents.token_refresher",
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.limit = manifest_memory_limit(manifest)
+        self.port = _free_port()
+        self._argv = [*argv, "--metrics-address", f"127.0.0.1:{self.port}"]
+        self._module, self._env, self._log = module, env, log
+        self._stack = contextlib.ExitStack()
+        self.agent: CgroupAgent | None = None
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """A sample of the agent's metrics (0 when absent or not served yet)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            return 0.0
+        wanted = labels or {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == wanted:
+                    return float(sample.value)
+        return 0.0
+
+    def log_text(self) -> str:
+        return self._log.read_text(errors="replace") if self._log.exists() else ""
+
+    def __enter__(self) -> BoundedAgent:
+        self.agent = self._stack.enter_context(
+            agent_in_memcg(
+                self._argv,
+                self.limit,
+                module=self._module,
+                name=Path(self._log).stem,
+                env=self._env,
+                log=self._log,
+            )
+        )
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        agent = self.agent
+        assert agent is not None
+        agent.sample()
+        # Read before the block's end stops the agent and removes its cgroup.
+        alive, peak, kills = agent.alive, agent.cgroup.peak, agent.cgroup.oom_kills
+        self._stack.close()
+        assert alive, f"the agent died under attack:\n{self.log_text()[-2000:]}"
+        assert kills == 0, f"the agent was OOM-killed {kills} times (limit {self.limit >> 20} MiB)"
+        assert peak < self.limit, f"peak {peak >> 20} MiB at the limit of {self.limit >> 20} MiB"
+        print(f"{self._log.stem}: memory cgroup peak {peak / MI:.0f} MiB of {self.limit / MI:.0f}")
 
 
 def _hog(mib: int) -> None:

@@ -21,6 +21,7 @@ from hack.containers import Container, ContainerWorld, new_pod_uid
 from tests.support.agent import AgentThread
 from tests.support.containers import container_world
 from tests.support.fake_kube import FakeKube
+from tests.support.memcg import BoundedAgent
 from tests.support.rbac import bundle_rbac
 from tests.support.token_files import AUDIENCE, INJECTOR_LABELS, INJECTOR_SA
 
@@ -157,10 +158,22 @@ class Cluster:
             *extra,
         ]
 
+    def agent_logs(self) -> str:
+        """What the agents run as processes (`memcg`) logged; in-thread agents log to caplog."""
+        return "".join(log.read_text(errors="replace") for log in sorted(self.tmp.glob("*-*.log")))
+
+    def _agent(self, argv: list[str], role: str, memcg: bool) -> AgentThread | BoundedAgent:
+        """In a thread, or (memcg) as a process in a memory cgroup with its manifest's
+        limit, checked when it stops: the red-team tests run the agent they attack so."""
+        if memcg:
+            log = self.tmp / f"{role}-{len(list(self.tmp.glob(f'{role}-*.log')))}.log"
+            return BoundedAgent(argv, f"token-refresher/{role}.yaml", log=log)
+        return AgentThread(main, argv)
+
     @contextlib.contextmanager
-    def controller(self, *extra: str) -> Iterator[AgentThread]:
+    def controller(self, *extra: str, memcg: bool = False) -> Iterator[AgentThread | BoundedAgent]:
         """The controller, once its file server answers with its CA published."""
-        with AgentThread(main, self.controller_argv(*extra)) as controller:
+        with self._agent(self.controller_argv(*extra), "controller", memcg) as controller:
             wait_for(lambda: self.kube.get("configmaps", AGENTS_NS, "token-refresher-ca"), 20)
             wait_for(self._files_listening, 20)
             yield controller
@@ -174,12 +187,17 @@ class Cluster:
 
     @contextlib.contextmanager
     def injector(
-        self, *extra: str, interval: float = 0.3, controller: tuple[str, ...] = ()
-    ) -> Iterator[AgentThread]:
-        """The injector (yielded: tests read its metrics), with a controller serving it."""
+        self,
+        *extra: str,
+        interval: float = 0.3,
+        controller: tuple[str, ...] = (),
+        memcg: bool = False,
+    ) -> Iterator[AgentThread | BoundedAgent]:
+        """The injector (yielded: tests read its metrics), with a controller serving it;
+        `memcg`: both as processes in memory cgroups with their manifests' limits."""
         with (
-            self.controller(*controller),
-            AgentThread(main, self.argv(*extra, interval=interval)) as agent,
+            self.controller(*controller, memcg=memcg),
+            self._agent(self.argv(*extra, interval=interval), "injector", memcg) as agent,
         ):
             yield agent
 
