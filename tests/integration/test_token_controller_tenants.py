@@ -391,7 +391,8 @@ def test_an_idp_echoing_credentials_gets_no_piece_of_them_into_events_status_or_
     with HostileTokenEndpoint("echo", context=idp.ca.server_context(), answer=echo) as server:
         args = argv(kube, idp, tmp_path, "--allowed-token-urls", server.url)
         with BoundedAgent(args, CONTROLLER_MANIFEST, log=tmp_path / "controller.log") as agent:
-            leading(agent)
+            # A neighbour on the real IdP, its token living 2 s, refreshed all along.
+            kube.put(token_secret(leading(agent) and idp, "neighbour"))
             for n, tenant in enumerate(tenants):
                 kube.put(tenant_secret(f"echoed-{n}", server.url, **tenant))
                 put_pod(
@@ -407,6 +408,8 @@ def test_an_idp_echoing_credentials_gets_no_piece_of_them_into_events_status_or_
             )
             wait_for(lambda: len(events(kube, "TokenRefreshFailed", "Pod")) >= 1, 20)
             time.sleep(0.5)
+            # Echoed answers are never "ok": these are the neighbour's, on time.
+            wait_for(lambda: agent.value(REFRESHES, {"result": "ok"}) >= 3, 10)
         # What the agent wrote to its own output, as an operator's log collector has it.
         agent_log = agent.log_text().splitlines()
     pieces: set[str] = set()
