@@ -289,7 +289,11 @@ class Demo:
         self.prometheus.start()
 
     def start_storage(self) -> None:
-        self.world = AutofsWorld(self.workdir, REPOS, name="cvmfs")
+        # An expiry longer than the demo: automount's default 60 s would unmount
+        # the repositories (their daemons exit) while a slow machine (the VM's
+        # emulated CPU: 45 s for the IdP alone) still sets up the node, and the
+        # demo severs a mount it expects to find mounted.
+        self.world = AutofsWorld(self.workdir, REPOS, name="cvmfs", timeout=900)
         self.stack.callback(self.world.stop)
         # automount does not exit on SIGTERM while a severed mount is in its
         # root (it waits until killed, 10 s later): unmount them all first.
