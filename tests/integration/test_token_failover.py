@@ -42,6 +42,7 @@ from agents.token_refresher.cli import main
 from agents.token_refresher.tls import client_context
 from hack.autofs_world import wait_for
 from hack.containers import Container
+from hack.prometheus import free_port
 from tests.integration.test_token_injector import (
     entry,
     file_of,
@@ -50,7 +51,7 @@ from tests.integration.test_token_injector import (
     token_secret,
 )
 from tests.support.agent import AgentThread
-from tests.support.token_cluster import AGENTS_NS, NS, Cluster, free_port
+from tests.support.token_cluster import AGENTS_NS, NS, Cluster
 from tests.support.token_files import FilesStream, Received
 
 pytestmark = pytest.mark.root

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from typing import IO
 
 import pytest
 
+from hack.prometheus import free_port
 from tests.conftest import IN_CI, IS_ROOT
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -264,12 +264,6 @@ def manifest_memory_limit(manifest: str) -> int:
     raise AssertionError(f"no memory limit in {manifest}")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class BoundedAgent:
     """`with BoundedAgent(argv, manifest, log=...) as agent:` the agent as a process in a
     memory cgroup with its manifest's limit, read like tests/support/agent.AgentThread:
@@ -289,27 +283,31 @@ class BoundedAgent:
         env: Mapping[str, str] | None = None,
     ) -> None:
         self.limit = manifest_memory_limit(manifest)
-        self.port = _free_port()
+        self.port = free_port()
         self._argv = [*argv, "--metrics-address", f"127.0.0.1:{self.port}"]
         self._module, self._env, self._log = module, env, log
         self._stack = contextlib.ExitStack()
         self.agent: CgroupAgent | None = None
 
-    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
-        """A sample of the agent's metrics (0 when absent or not served yet)."""
+    def scrape(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        """Every sample of one scrape, by (name, labels): values read together are of one
+        moment (empty when not served yet)."""
         from prometheus_client.parser import text_string_to_metric_families
 
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
                 text = r.read().decode()
         except OSError:
-            return 0.0
-        wanted = labels or {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and sample.labels == wanted:
-                    return float(sample.value)
-        return 0.0
+            return {}
+        return {
+            (sample.name, frozenset(sample.labels.items())): float(sample.value)
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """A sample of the agent's metrics (0 when absent or not served yet)."""
+        return self.scrape().get((name, frozenset((labels or {}).items())), 0.0)
 
     def log_text(self) -> str:
         return self._log.read_text(errors="replace") if self._log.exists() else ""

@@ -18,6 +18,7 @@ from pathlib import Path
 from agents.token_refresher.cli import main
 from hack.autofs_world import wait_for
 from hack.containers import Container, ContainerWorld, new_pod_uid
+from hack.prometheus import free_port
 from tests.support.agent import AgentThread
 from tests.support.containers import container_world
 from tests.support.fake_kube import FakeKube
@@ -29,12 +30,6 @@ NODE = "node-a"
 NS = "science"
 AGENTS_NS = "node-agents"  # the bundle's namespace: RBAC grants the agents' Roles there
 CONTROLLER_SA = "token-refresher-controller"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
