@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,3 +45,11 @@ def container_world(base: Path, init: Path) -> Iterator[ContainerWorld]:
         yield world
     finally:
         world.close()
+
+
+def need_tools(*tools: str) -> None:
+    """Skip without root or without one of `tools` on PATH (fail in CI: hack/setup.sh
+    installs them all)."""
+    need(IS_ROOT, "needs root: real containers (containerd, runc)")
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    need(not missing, f"needs {', '.join(missing)} on PATH (hack/setup.sh installs it)")
