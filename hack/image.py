@@ -1,0 +1,434 @@
+"""Build images/Containerfile with buildah on this machine, in a container storage of its own.
+
+No image registry is reachable from the test machines, so the `PYTHON_IMAGE` the
+Containerfile starts from is hack/base_image.py's debootstrapped Debian bookworm
+(python3, python3-venv, ca-certificates and the host's local CAs), imported as
+`localhost/node-agents-base:<its recipe hash>`:
+
+    python -m hack.image                      # build in a fresh storage, print the report
+    python -m hack.image --export-rootfs      # also unpack the root filesystem (ctr run --rootfs)
+    python -m hack.image --oci-archive        # also save an OCI archive (ctr images import)
+
+Every podman and buildah call runs on a storage under one directory (`--root`,
+`--runroot`, podman's `--tmpdir`), never the machine's default one: a test session
+builds from nothing (a fresh storage, `buildah build` without `--layers`), so a CI
+build is a real build, pip downloads included; only the base tarball (the
+debootstrap) stays cached. The flags this machine needs, and why:
+
+- `--runtime runc`: crun refuses to start containers on this hybrid cgroups v1 host;
+- `--ulimit nofile=20000:20000 --ulimit nproc=32768:32768`: the runtimes' default
+  limits are higher than the host's hard limits, and root here lacks
+  CAP_SYS_RESOURCE to raise them;
+- `--network host` for the build (pip reaches PyPI through the host's CA, which the
+  base trusts; no bridge or firewall set-up), `--network none` to run the image;
+- `--pull=never`: the base is local, and there is no registry to ask.
+
+The exported root filesystem and the OCI archive are named by `inputs_hash()`, a hash
+of everything the build copies or reads (Containerfile, build context, base recipe,
+version), so that a later test (a VM with containerd) finds them by the same name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import tomllib
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+from hack import base_image
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTAINERFILE = ROOT / "images" / "Containerfile"
+# What images/Containerfile copies from the build context (and .containerignore,
+# which shapes that context).
+CONTEXT_INPUTS = ("pyproject.toml", "README.md", ".containerignore", "agents", "images")
+IMAGE_NAME = "localhost/node-agents"
+BASE_NAME = "localhost/node-agents-base"
+RUNTIME = "runc"
+# Below this host's hard limits (root lacks CAP_SYS_RESOURCE to raise its own).
+ULIMITS = ("nofile=20000:20000", "nproc=32768:32768")
+# The base's configuration: debootstrap leaves none, the python:*-slim images set these.
+BASE_CHANGES = (
+    "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "ENV LANG=C.UTF-8",
+    'CMD ["python3"]',
+)
+# pip downloads everything in the build (PIP_NO_CACHE_DIR=1 in the Containerfile).
+BUILD_TIMEOUT = 900.0
+RESULTS = ROOT / "hack" / "results"
+RUNROOT_PARENT = Path("/run/node-agents-image")
+
+
+class ImageError(RuntimeError):
+    """A podman or buildah step failed; the message carries its output's tail."""
+
+
+def project_version() -> str:
+    """The version in pyproject.toml, which the image's label and console scripts carry."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return str(project["version"])
+
+
+def _context_files() -> list[Path]:
+    files: list[Path] = []
+    for name in CONTEXT_INPUTS:
+        path = ROOT / name
+        if path.is_dir():
+            files.extend(
+                p
+                for p in sorted(path.rglob("*"))
+                if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+            )
+        elif path.is_file():
+            files.append(path)
+    return files
+
+
+def inputs_hash() -> str:
+    """Changes with anything that changes the image, except what pip resolves from PyPI."""
+    digest = hashlib.sha256()
+    digest.update(base_image.recipe_hash().encode() + b"\0" + project_version().encode())
+    for path in _context_files():
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def rootfs_path(cache: Path | None = None) -> Path:
+    """Where `export_rootfs` puts the image's root filesystem for a later `ctr run --rootfs`."""
+    return (cache or base_image.cache_dir()) / f"node-agents-rootfs-{inputs_hash()}"
+
+
+def oci_archive_path(cache: Path | None = None) -> Path:
+    """Where `save_oci_archive` puts the image for a later `ctr images import`."""
+    return (cache or base_image.cache_dir()) / f"node-agents-{inputs_hash()}.oci.tar"
+
+
+@dataclass(frozen=True)
+class Build:
+    """One build of the image, as `python -m hack.image` reports it."""
+
+    image: str
+    image_id: str
+    version: str
+    inputs_hash: str
+    base: str
+    build_seconds: float
+    image_bytes: int
+    """The size podman reports (`podman image inspect`, the uncompressed layer)."""
+    rootfs_bytes: int
+    """The regular files of the unpacked root filesystem (apparent sizes)."""
+    rootfs_files: int
+
+
+class Store:
+    """A container storage of its own under `directory` (podman and buildah share it)."""
+
+    def __init__(self, directory: Path, *, remove: bool = False) -> None:
+        self.directory = directory
+        self.remove = remove
+        self.root = directory / "root"
+        self.tmpdir = directory / "libpod-tmp"
+        for path in (self.root, self.tmpdir):
+            path.mkdir(parents=True, exist_ok=True)
+        # containers/storage refuses a runroot longer than 50 characters; it holds
+        # only run-time state (locks, mount counts), so it goes under /run, by
+        # the directory's name, and with it.
+        self.runroot = RUNROOT_PARENT / hashlib.sha256(str(directory).encode()).hexdigest()[:12]
+        self.runroot.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def temporary(cls, parent: Path | None = None) -> Store:
+        """A fresh, empty storage, removed by `close()` (on the cache's disk, not /tmp:
+        a build holds about 1 GB)."""
+        parent = parent or base_image.cache_dir()
+        parent.mkdir(parents=True, exist_ok=True)
+        return cls(Path(tempfile.mkdtemp(prefix="image-storage-", dir=parent)), remove=True)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def podman_argv(self, *args: str) -> list[str]:
+        # --tmpdir: libpod's state (container and lock files, the events log) stays
+        # here too, not in the machine's /run/libpod.
+        return [
+            "podman",
+            "--root",
+            str(self.root),
+            "--runroot",
+            str(self.runroot),
+            "--tmpdir",
+            str(self.tmpdir),
+            "--storage-driver",
+            "overlay",
+            "--cgroup-manager",
+            "cgroupfs",  # no systemd on these machines
+            "--events-backend",
+            "file",
+            *args,
+        ]
+
+    def buildah_argv(self, *args: str) -> list[str]:
+        return [
+            "buildah",
+            "--root",
+            str(self.root),
+            "--runroot",
+            str(self.runroot),
+            "--storage-driver",
+            "overlay",
+            *args,
+        ]
+
+    def podman(self, *args: str, timeout: float = 120.0) -> str:
+        """Run podman on this storage; its stdout, or ImageError with its output."""
+        return _check(self.podman_argv(*args), timeout)
+
+    def image_exists(self, image: str) -> bool:
+        argv = self.podman_argv("image", "exists", image)
+        return subprocess.run(argv, capture_output=True, check=False, timeout=60).returncode == 0
+
+    def import_base(self, tarball: Path | None = None) -> str:
+        """hack/base_image.py's tarball as a local image, tagged by its recipe hash."""
+        tag = f"{BASE_NAME}:{base_image.recipe_hash()}"
+        if self.image_exists(tag):
+            return tag
+        tarball = tarball or base_image.base_tarball()
+        changes = [arg for change in BASE_CHANGES for arg in ("--change", change)]
+        self.podman("import", *changes, str(tarball), tag)
+        return tag
+
+    def build(self, base: str, tag: str | None = None, *, log: Path | None = None) -> Build:
+        """Build images/Containerfile from the repository root on `base`, and measure it."""
+        version = project_version()
+        key = inputs_hash()
+        tag = tag or f"{IMAGE_NAME}:{version}-{key}"
+        argv = self.buildah_argv(
+            "build",
+            "--runtime",
+            RUNTIME,
+            *(arg for limit in ULIMITS for arg in ("--ulimit", limit)),
+            "--network",
+            "host",
+            "--pull=never",
+            "--build-arg",
+            f"PYTHON_IMAGE={base}",
+            "--build-arg",
+            f"VERSION={version}",
+            "--tag",
+            tag,
+            "--file",
+            str(CONTAINERFILE),
+            str(ROOT),
+        )
+        started = time.monotonic()
+        output = _check(argv, BUILD_TIMEOUT, log=log)
+        seconds = time.monotonic() - started
+        image_id = output.strip().splitlines()[-1]
+        size = int(self.podman("image", "inspect", "--format", "{{.Size}}", tag).strip())
+        files, rootfs = self.rootfs_size(tag)
+        return Build(
+            image=tag,
+            image_id=image_id,
+            version=version,
+            inputs_hash=key,
+            base=base,
+            build_seconds=round(seconds, 1),
+            image_bytes=size,
+            rootfs_bytes=rootfs,
+            rootfs_files=files,
+        )
+
+    @contextlib.contextmanager
+    def _exported(self, image: str) -> Iterator[IO[bytes]]:
+        """`podman export` of a created (never started) container of `image`, as a tar
+        stream; the container is removed after."""
+        name = self.podman("create", "--runtime", RUNTIME, image, "true").strip()
+        try:
+            argv = self.podman_argv("export", name)
+            with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+                assert proc.stdout is not None and proc.stderr is not None
+                try:
+                    yield proc.stdout
+                finally:
+                    proc.stdout.read()  # to the end, so that export never blocks on the pipe
+                    err = proc.stderr.read()
+                    proc.wait(timeout=120)
+            if proc.returncode != 0:
+                raise ImageError(f"podman export failed: {err.decode(errors='replace')[-2000:]}")
+        finally:
+            self.podman("rm", "--force", name)
+
+    def rootfs_size(self, image: str) -> tuple[int, int]:
+        """(regular files, their bytes) in `image`'s root filesystem, read from its export."""
+        files = size = 0
+        with self._exported(image) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                if member.isreg():
+                    files += 1
+                    size += member.size
+        return files, size
+
+    def export_rootfs(self, image: str, dest: Path) -> Path:
+        """Unpack `image`'s root filesystem into `dest` (replaced), for `ctr run --rootfs`."""
+        partial = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        with self._exported(image) as stream:
+            untar = subprocess.run(
+                ["tar", "-C", str(partial), "--numeric-owner", "-xpf", "-"],
+                stdin=stream,
+                capture_output=True,
+                check=False,
+                timeout=300,
+            )
+        if untar.returncode != 0:
+            raise ImageError(f"tar -x failed: {untar.stderr.decode(errors='replace')[-2000:]}")
+        shutil.rmtree(dest, ignore_errors=True)
+        partial.rename(dest)
+        return dest
+
+    def save_oci_archive(self, image: str, dest: Path) -> Path:
+        """`image` as an OCI archive at `dest` (replaced), for `ctr images import`."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(dest.name + ".partial")
+        partial.unlink(missing_ok=True)
+        self.podman("save", "--format", "oci-archive", "--output", str(partial), image)
+        partial.rename(dest)
+        return dest
+
+    def run(
+        self, image: str, argv: Sequence[str] = (), *, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
+        """`argv` (the image's CMD if empty) in a container of `image`: read-only root, as
+        the manifests run it, no network; the result whatever its exit status."""
+        command = self.podman_argv(
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            *(arg for limit in ULIMITS for arg in ("--ulimit", limit)),
+            "--network",
+            "none",
+            "--read-only",
+            image,
+            *argv,
+        )
+        return subprocess.run(command, capture_output=True, text=True, check=False, timeout=timeout)
+
+    def close(self) -> None:
+        """Remove every container of this storage and, if temporary, the storage itself."""
+        for argv in (
+            self.podman_argv("rm", "--all", "--force"),
+            self.buildah_argv("rm", "--all"),
+        ):
+            subprocess.run(argv, capture_output=True, check=False, timeout=120)
+        if self.remove:
+            # Layers mounted for a container are unmounted by `rm`; `system reset` also
+            # unmounts what storage itself keeps mounted before deleting the tree.
+            subprocess.run(
+                self.podman_argv("system", "reset", "--force"),
+                capture_output=True,
+                check=False,
+                timeout=300,
+            )
+            shutil.rmtree(self.directory, ignore_errors=True)
+            shutil.rmtree(self.runroot, ignore_errors=True)
+
+
+def _check(argv: list[str], timeout: float, *, log: Path | None = None) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        raise ImageError(f"{' '.join(argv[:1] + argv[-3:])} timed out after {timeout} s") from err
+    except FileNotFoundError as err:
+        raise ImageError(f"{argv[0]} is not installed (hack/setup.sh installs it)") from err
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        tail = (done.stdout + done.stderr)[-3000:]
+        raise ImageError(f"{' '.join(argv)[:400]} failed (exit {done.returncode}):\n{tail}")
+    return done.stdout
+
+
+def write_report(build: Build, path: Path = RESULTS / "image.json") -> Path:
+    """The measurement as JSON, where images/README.md's numbers come from."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(build), indent=2) + "\n")
+    return path
+
+
+def describe(build: Build) -> str:
+    return (
+        f"{build.image}: {build.image_bytes / 1e6:.0f} MB (podman), root filesystem "
+        f"{build.rootfs_bytes / 1e6:.0f} MB in {build.rootfs_files} files; "
+        f"built in {build.build_seconds:.0f} s"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m hack.image", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--storage",
+        type=Path,
+        help="container storage directory, kept (default: a fresh one, removed at the end)",
+    )
+    parser.add_argument(
+        "--export-rootfs",
+        nargs="?",
+        const=rootfs_path(),
+        type=Path,
+        help=f"unpack the root filesystem here (default {rootfs_path()})",
+    )
+    parser.add_argument(
+        "--oci-archive",
+        nargs="?",
+        const=oci_archive_path(),
+        type=Path,
+        help=f"save an OCI archive here (default {oci_archive_path()})",
+    )
+    parser.add_argument("--log", type=Path, default=RESULTS / "image-build.log")
+    args = parser.parse_args(argv)
+    store = Store(args.storage) if args.storage else Store.temporary()
+    try:
+        with store:
+            build = store.build(store.import_base(), log=args.log)
+            print(describe(build))
+            print(f"report: {write_report(build)}; build log: {args.log}")
+            if args.export_rootfs:
+                print(f"root filesystem: {store.export_rootfs(build.image, args.export_rootfs)}")
+            if args.oci_archive:
+                print(f"OCI archive: {store.save_oci_archive(build.image, args.oci_archive)}")
+    except (ImageError, base_image.BaseImageError) as err:
+        print(f"hack.image: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    if os.geteuid() != 0:
+        sys.exit("hack.image: needs root (podman and buildah on a storage of their own)")
+    sys.exit(main())
