@@ -13,7 +13,6 @@ import ast
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tomllib
@@ -21,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support.network import need_pypi
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTAINERFILE = ROOT / "images" / "Containerfile"
@@ -41,23 +42,12 @@ def build_stage() -> list[str]:
     return lines[start + 1 : end]
 
 
-def pypi_reachable() -> bool:
-    try:
-        socket.create_connection(("pypi.org", 443), timeout=5).close()
-    except OSError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """/opt/venv of the image, built in a temporary directory."""
     stage = build_stage()
     assert BUILD_STEP in stage, f"the Containerfile's build stage must {BUILD_STEP!r}"
-    if not pypi_reachable():
-        if os.environ.get("CI"):
-            pytest.fail("CI must run this test: PyPI (pypi.org:443) is unreachable")
-        pytest.skip("needs PyPI (pypi.org:443) to pip install the image's venv")
+    need_pypi("pip install the image's venv")
     work = tmp_path_factory.mktemp("image")
     src = work / "src"
     # The build stage's COPY lines, relative to WORKDIR /src.
