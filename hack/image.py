@@ -52,9 +52,17 @@ from hack import base_image
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTAINERFILE = ROOT / "images" / "Containerfile"
-# What images/Containerfile copies from the build context (and .containerignore,
-# which shapes that context).
-CONTEXT_INPUTS = ("pyproject.toml", "README.md", ".containerignore", "agents", "images")
+# What images/Containerfile reads and copies from the build context (and
+# .containerignore, which shapes that context); not images/README.md.
+CONTEXT_INPUTS = (
+    "images/Containerfile",
+    "images/build-venv.sh",
+    "images/prune.py",
+    ".containerignore",
+    "pyproject.toml",
+    "README.md",
+    "agents",
+)
 IMAGE_NAME = "localhost/node-agents"
 BASE_NAME = "localhost/node-agents-base"
 RUNTIME = "runc"
