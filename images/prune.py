@@ -62,9 +62,21 @@ UNUSED_TREES = (
 UNUSED_GLOBS = ("kubernetes/**/*_test.py",)
 
 # Debian's packages of ensurepip and its bundled wheels (a Debian-built base; the
-# python:*-slim images install Python under /usr/local, outside dpkg). Purged through
-# dpkg rather than deleted so that dpkg's database, which scanners read, agrees.
-DEBIAN_PACKAGING = ("python3-venv", "python3.11-venv", "python3-pip-whl", "python3-setuptools-whl")
+# python:*-slim images install Python under /usr/local, outside dpkg), and of the
+# packaging tools themselves in /usr/lib/python3/dist-packages, should a base have
+# them. Purged through dpkg rather than deleted so that dpkg's database, which
+# scanners read, agrees; dpkg refuses (and the build stops) if another installed
+# package depends on one.
+DEBIAN_PACKAGING = (
+    "python3-venv",
+    "python3.11-venv",
+    "python3-pip-whl",
+    "python3-setuptools-whl",
+    "python3-pip",
+    "python3-setuptools",
+    "python3-wheel",
+    "python3-pkg-resources",
+)
 
 
 def canonical(name: str) -> str:
