@@ -7,7 +7,7 @@ Containerfile starts from is hack/base_image.py's debootstrapped Debian bookworm
 
     python -m hack.image                      # build in a fresh storage, print the report
     python -m hack.image --export-rootfs      # also unpack the root filesystem (ctr run --rootfs)
-    python -m hack.image --oci-archive        # also save an OCI archive (ctr images import)
+    python -m hack.image --prebuild DIR       # hack/test.sh: one build for both test passes
 
 Every podman and buildah call runs on a storage under one directory (`--root`,
 `--runroot`, podman's `--tmpdir`), never the machine's default one: a test session
@@ -23,7 +23,7 @@ debootstrap) stays cached. The flags this machine needs, and why:
   base trusts; no bridge or firewall set-up), `--network none` to run the image;
 - `--pull=never`: the base is local, and there is no registry to ask.
 
-The exported root filesystem and the OCI archive are named by `inputs_hash()`, a hash
+The exported root filesystem is named by `inputs_hash()`, a hash
 of everything the build copies or reads (Containerfile, build context, base recipe,
 version), so that a later test (a VM with containerd) finds them by the same name.
 """
@@ -119,11 +119,6 @@ def rootfs_path(cache: Path | None = None) -> Path:
     return (cache or base_image.cache_dir()) / f"node-agents-rootfs-{inputs_hash()}"
 
 
-def oci_archive_path(cache: Path | None = None) -> Path:
-    """Where `save_oci_archive` puts the image for a later `ctr images import`."""
-    return (cache or base_image.cache_dir()) / f"node-agents-{inputs_hash()}.oci.tar"
-
-
 @dataclass(frozen=True)
 class Build:
     """One build of the image, as `python -m hack.image` reports it."""
@@ -139,6 +134,41 @@ class Build:
     rootfs_bytes: int
     """The regular files of the unpacked root filesystem (apparent sizes)."""
     rootfs_files: int
+
+
+# A build made once for the whole run by hack/test.sh (`--prebuild DIR`), before
+# its two pytest passes: the host pass tests that image (tests/integration/
+# test_image_build.py) and the VM pass runs its root filesystem with containerd
+# (test_real_node_healer.py), instead of building it twice.
+PREBUILT_ENV = "NODE_AGENTS_IMAGE_DIR"
+
+
+@dataclass(frozen=True)
+class Prebuilt:
+    """`--prebuild DIR`'s layout: DIR/storage, DIR/build.json, DIR/rootfs."""
+
+    directory: Path
+
+    @property
+    def storage(self) -> Path:
+        return self.directory / "storage"
+
+    @property
+    def report(self) -> Path:
+        return self.directory / "build.json"
+
+    @property
+    def rootfs(self) -> Path:
+        return self.directory / "rootfs"
+
+    def build(self) -> Build:
+        return Build(**json.loads(self.report.read_text()))
+
+
+def prebuilt() -> Prebuilt | None:
+    """The run's prebuilt image, when hack/test.sh made one (`$NODE_AGENTS_IMAGE_DIR`)."""
+    directory = os.environ.get(PREBUILT_ENV)
+    return Prebuilt(Path(directory)) if directory else None
 
 
 class Store:
@@ -316,15 +346,6 @@ class Store:
         partial.rename(dest)
         return dest
 
-    def save_oci_archive(self, image: str, dest: Path) -> Path:
-        """`image` as an OCI archive at `dest` (replaced), for `ctr images import`."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        partial = dest.with_name(dest.name + ".partial")
-        partial.unlink(missing_ok=True)
-        self.podman("save", "--format", "oci-archive", "--output", str(partial), image)
-        partial.rename(dest)
-        return dest
-
     def run(
         self, image: str, argv: Sequence[str] = (), *, timeout: float = 60.0
     ) -> subprocess.CompletedProcess[str]:
@@ -411,25 +432,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         help=f"unpack the root filesystem here (default {rootfs_path()})",
     )
-    parser.add_argument(
-        "--oci-archive",
-        nargs="?",
-        const=oci_archive_path(),
-        type=Path,
-        help=f"save an OCI archive here (default {oci_archive_path()})",
-    )
     parser.add_argument("--log", type=Path, default=RESULTS / "image-build.log")
+    parser.add_argument(
+        "--prebuild",
+        type=Path,
+        metavar="DIR",
+        help=f"build into DIR (storage, build.json, rootfs) for the tests (${PREBUILT_ENV})",
+    )
+    parser.add_argument("--remove", type=Path, metavar="DIR", help="remove a --prebuild DIR")
     args = parser.parse_args(argv)
+    if args.remove:
+        Store(Prebuilt(args.remove).storage, remove=True).close()
+        shutil.rmtree(args.remove, ignore_errors=True)
+        return 0
+    if args.prebuild:
+        done = Prebuilt(args.prebuild)
+        args.storage, args.export_rootfs = done.storage, done.rootfs
     store = Store(args.storage) if args.storage else Store.temporary()
     try:
         with store:
             build = store.build(store.import_base(), log=args.log)
             print(describe(build))
             print(f"report: {write_report(build)}; build log: {args.log}")
+            if args.prebuild:
+                write_report(build, Prebuilt(args.prebuild).report)
             if args.export_rootfs:
                 print(f"root filesystem: {store.export_rootfs(build.image, args.export_rootfs)}")
-            if args.oci_archive:
-                print(f"OCI archive: {store.save_oci_archive(build.image, args.oci_archive)}")
     except (ImageError, base_image.BaseImageError) as err:
         print(f"hack.image: {err}", file=sys.stderr)
         return 1
