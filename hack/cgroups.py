@@ -210,19 +210,9 @@ class FakePodCgroups:
             self._evacuate(hierarchy, directory)
             if has_children(directory):
                 continue  # a shared level (kubepods.slice) someone else now uses too
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    directory.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError as err:
-                    # An exiting task leaves its cgroup a moment after it is reaped.
-                    if err.errno != errno.EBUSY or time.monotonic() > deadline:
-                        failures.append(f"{directory}: {err.strerror}")
-                        break
-                    time.sleep(0.01)
+            failure = remove_cgroup(directory, timeout)
+            if failure:
+                failures.append(failure)
         self._created.clear()
         self._members.clear()
         self._origins.clear()
@@ -278,6 +268,22 @@ def cgroupfs_segments(pod_uid: str, qos: str) -> list[str]:
     if qos == "guaranteed":
         return ["kubepods", f"pod{pod_uid}"]
     return ["kubepods", qos, f"pod{pod_uid}"]
+
+
+def remove_cgroup(directory: str | Path, timeout: float = 5.0) -> str:
+    """rmdir a cgroup (gone already is fine); "" or what kept it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.rmdir(directory)
+            return ""
+        except FileNotFoundError:
+            return ""
+        except OSError as err:
+            # An exiting task leaves its cgroup a moment after it is reaped.
+            if err.errno != errno.EBUSY or time.monotonic() > deadline:
+                return f"{directory}: {err.strerror}"
+            time.sleep(0.01)
 
 
 def has_children(directory: Path) -> bool:

@@ -54,6 +54,7 @@ from hack.cgroups import (
     cgroupfs_segments,
     has_children,
     mounted_hierarchies,
+    remove_cgroup,
     systemd_segments,
 )
 from hack.containers import RUNTIME_SCHEME, kubelet_pod, new_container_id
@@ -613,19 +614,9 @@ def _remove_cgroups(directories: Iterable[str], timeout: float = 5.0) -> list[st
     for directory in sorted(directories, key=lambda d: d.count("/"), reverse=True):
         if not _pod_level(directory) and has_children(Path(directory)):
             continue
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                os.rmdir(directory)
-                break
-            except FileNotFoundError:
-                break
-            except OSError as err:
-                # An exiting task leaves its cgroup a moment after it is reaped.
-                if err.errno != errno.EBUSY or time.monotonic() > deadline:
-                    failures.append(f"{directory}: {err.strerror}")
-                    break
-                time.sleep(0.02)
+        failure = remove_cgroup(directory, timeout)
+        if failure:
+            failures.append(failure)
     return failures
 
 
