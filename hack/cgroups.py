@@ -169,12 +169,12 @@ class FakePodCgroups:
             if self.unified is None:
                 raise CgroupsUnavailable("no cgroup v2 hierarchy mounted at its root")
             hierarchies = [self.unified]
-            segments = [*_systemd_segments(pod_uid, qos), f"{scope_prefix}{container_id}.scope"]
+            segments = [*systemd_segments(pod_uid, qos), f"{scope_prefix}{container_id}.scope"]
         else:
             if not self.v1:
                 raise CgroupsUnavailable("no usable cgroup v1 hierarchy mounted at its root")
             hierarchies = list(self.v1)
-            segments = [*_cgroupfs_segments(pod_uid, qos), container_id]
+            segments = [*cgroupfs_segments(pod_uid, qos), container_id]
         if self.parent:
             segments = self.parent.split("/") + segments
         if below:
@@ -208,21 +208,11 @@ class FakePodCgroups:
         failures: list[str] = []
         for hierarchy, directory in reversed(self._created):
             self._evacuate(hierarchy, directory)
-            if _has_children(directory):
+            if has_children(directory):
                 continue  # a shared level (kubepods.slice) someone else now uses too
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    directory.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError as err:
-                    # An exiting task leaves its cgroup a moment after it is reaped.
-                    if err.errno != errno.EBUSY or time.monotonic() > deadline:
-                        failures.append(f"{directory}: {err.strerror}")
-                        break
-                    time.sleep(0.01)
+            failure = remove_cgroup(directory, timeout)
+            if failure:
+                failures.append(failure)
         self._created.clear()
         self._members.clear()
         self._origins.clear()
@@ -264,7 +254,8 @@ class FakePodCgroups:
                 continue  # exited meanwhile
 
 
-def _systemd_segments(pod_uid: str, qos: str) -> list[str]:
+def systemd_segments(pod_uid: str, qos: str) -> list[str]:
+    """The pod's slices, outermost first, as the kubelet's systemd driver names them."""
     # pkg/kubelet/cm: Guaranteed pods sit right under kubepods.slice.
     uid = pod_uid_underscored(pod_uid)
     if qos == "guaranteed":
@@ -272,13 +263,31 @@ def _systemd_segments(pod_uid: str, qos: str) -> list[str]:
     return ["kubepods.slice", f"kubepods-{qos}.slice", f"kubepods-{qos}-pod{uid}.slice"]
 
 
-def _cgroupfs_segments(pod_uid: str, qos: str) -> list[str]:
+def cgroupfs_segments(pod_uid: str, qos: str) -> list[str]:
+    """The pod's cgroups, outermost first, as the kubelet's cgroupfs driver names them."""
     if qos == "guaranteed":
         return ["kubepods", f"pod{pod_uid}"]
     return ["kubepods", qos, f"pod{pod_uid}"]
 
 
-def _has_children(directory: Path) -> bool:
+def remove_cgroup(directory: str | Path, timeout: float = 5.0) -> str:
+    """rmdir a cgroup (gone already is fine); "" or what kept it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.rmdir(directory)
+            return ""
+        except FileNotFoundError:
+            return ""
+        except OSError as err:
+            # An exiting task leaves its cgroup a moment after it is reaped.
+            if err.errno != errno.EBUSY or time.monotonic() > deadline:
+                return f"{directory}: {err.strerror}"
+            time.sleep(0.01)
+
+
+def has_children(directory: Path) -> bool:
+    """Whether the cgroup has child cgroups (gone: False)."""
     try:
         return any(entry.is_dir(follow_symlinks=False) for entry in os.scandir(directory))
     except FileNotFoundError:

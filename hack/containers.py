@@ -12,7 +12,8 @@ its processes, found by the container ID in `/proc/<pid>/cgroup`. A
 - `restart()` kills that process and starts a new one with a new container
   ID in the same directory, as a kubelet restart keeps the pod's volumes
   but the runtime gives the container a new ID;
-- `pod()` builds the Pod object as the kubelet reports it.
+- `pod()` builds the Pod object as the kubelet reports it (`kubelet_pod`,
+  which the real containers of `hack/containerd.py` share).
 
 One small C process per container (a few hundred KB of RSS, no Python), so
 that 500 containers fit on a 2-core VM; `add_many` starts them in a batch.
@@ -36,11 +37,11 @@ import signal
 import subprocess
 import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from agents.mount_healer.mountinfo import read_mount_table
 from hack.cgroups import FakePodCgroups
@@ -303,57 +304,92 @@ class ContainerWorld:
         uid: str = "",
         waiting: Sequence[str] = (),
     ) -> dict[str, Any]:
-        """The Pod as the API shows it once the kubelet reported it Running.
+        """The Pod as the API shows it once the kubelet reported it Running (`kubelet_pod`)."""
+        return kubelet_pod(name, namespace, node, containers, annotations, uid=uid, waiting=waiting)
 
-        `containers` are running; `waiting` names containers declared in the
-        spec that have not started (state.waiting, no containerID).
-        """
-        uids = {c.pod_uid for c in containers} | ({uid} if uid else set())
-        if len(uids) != 1:
-            raise ValueError(f"containers of one pod must share its UID, got {sorted(uids)}")
-        statuses: list[dict[str, Any]] = [
-            {
-                "name": c.name,
-                "containerID": c.container_id,
-                "image": IMAGE,
-                "imageID": f"{IMAGE}@sha256:{'0' * 64}",
-                "ready": True,
-                "started": True,
-                "restartCount": c.restarts,
-                "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
-            }
-            for c in containers
-        ]
-        statuses += [
-            {
-                "name": other,
-                "image": IMAGE,
-                "imageID": "",
-                "ready": False,
-                "started": False,
-                "restartCount": 0,
-                "state": {"waiting": {"reason": "ContainerCreating"}},
-            }
-            for other in waiting
-        ]
-        return {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {
-                "name": name,
-                "namespace": namespace,
-                "uid": uids.pop(),
-                "annotations": dict(annotations or {}),
-            },
-            "spec": {
-                "nodeName": node,
-                "containers": [
-                    {"name": n, "image": IMAGE}
-                    for n in [c.name for c in containers] + list(waiting)
-                ],
-            },
-            "status": {"phase": "Running", "containerStatuses": statuses},
+
+class PodContainer(Protocol):
+    """What the Pod's status says of one running container (fake or real)."""
+
+    @property
+    def pod_uid(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def container_id(self) -> str: ...
+    @property
+    def restarts(self) -> int: ...
+
+
+def kubelet_pod(
+    name: str,
+    namespace: str,
+    node: str,
+    containers: Sequence[PodContainer],
+    annotations: Mapping[str, str] | None = None,
+    *,
+    uid: str = "",
+    waiting: Sequence[str] = (),
+    image: str = IMAGE,
+    qos_class: str = "",
+    limits: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The Pod as the API shows it once the kubelet reported it Running.
+
+    `containers` are running; `waiting` names containers declared in the
+    spec that have not started (state.waiting, no containerID). `qos_class`
+    ("Burstable", ...) is `status.qosClass`; `limits` are every container's
+    `resources.limits` (`{"nvidia.com/gpu": "1"}`).
+    """
+    uids = {c.pod_uid for c in containers} | ({uid} if uid else set())
+    if len(uids) != 1:
+        raise ValueError(f"containers of one pod must share its UID, got {sorted(uids)}")
+    statuses: list[dict[str, Any]] = [
+        {
+            "name": c.name,
+            "containerID": c.container_id,
+            "image": image,
+            "imageID": f"{image}@sha256:{'0' * 64}",
+            "ready": True,
+            "started": True,
+            "restartCount": c.restarts,
+            "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
         }
+        for c in containers
+    ]
+    statuses += [
+        {
+            "name": other,
+            "image": image,
+            "imageID": "",
+            "ready": False,
+            "started": False,
+            "restartCount": 0,
+            "state": {"waiting": {"reason": "ContainerCreating"}},
+        }
+        for other in waiting
+    ]
+    spec_containers: list[dict[str, Any]] = [
+        {"name": n, "image": image} for n in [c.name for c in containers] + list(waiting)
+    ]
+    if limits:
+        for spec in spec_containers:
+            spec["resources"] = {"limits": dict(limits)}
+    status: dict[str, Any] = {"phase": "Running", "containerStatuses": statuses}
+    if qos_class:
+        status["qosClass"] = qos_class
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": uids.pop(),
+            "annotations": dict(annotations or {}),
+        },
+        "spec": {"nodeName": node, "containers": spec_containers},
+        "status": status,
+    }
 
 
 def _make_root(root: Path, dirs: list[str]) -> None:

@@ -6,7 +6,6 @@ Each test maps to an acceptance point of issue 3.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import shutil
@@ -39,24 +38,14 @@ from hack.fake_nvml import (
     FakeGpu,
     FakeNvmlWorld,
     FakeProcess,
-    build,
     fake_uuid,
-    find_compiler,
-    load_in_process,
 )
 from tests.conftest import IN_CI, IS_ROOT
 from tests.support.agent import AgentThread
-from tests.support.fake_kube import FakeKube
-from tests.support.rbac import GPU_EVICT_COMPONENT, bundle_rbac
+from tests.support.gpu_enforcer import CARD, GIB, NODE, cluster, enforcer_argv
+from tests.support.rbac import GPU_EVICT_COMPONENT
 
 pytestmark = pytest.mark.root
-
-# The enforcer's ServiceAccount in the bundle (manifests/gpu-enforcer/serviceaccount.yaml):
-# the agent talks to the fake API with its token, under the bundle's RBAC.
-SERVICE_ACCOUNT = "node-agents/gpu-mem-enforcer"
-GIB = 1024**3
-CARD = 16 * GIB  # two replicas: an agreed share of 8 GiB each
-NODE = "gpu-node-1"
 
 
 def _need(condition: bool, reason: str) -> None:
@@ -65,21 +54,6 @@ def _need(condition: bool, reason: str) -> None:
     if IN_CI:
         pytest.fail(f"CI must run this test: {reason}")
     pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def nvml_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    _need(find_compiler() is not None, "needs a C compiler for the fake libnvidia-ml")
-    return build(tmp_path_factory.mktemp("fake-nvml"))
-
-
-@pytest.fixture
-def card(nvml_library: Path, tmp_path: Path) -> Iterator[FakeNvmlWorld]:
-    """One 16 GiB card, no processes yet; this process's pynvml reads it."""
-    world = FakeNvmlWorld(tmp_path / "nvml.state", [FakeGpu(0, fake_uuid(0), total=CARD)])
-    world.write()
-    with load_in_process(nvml_library, world.path):
-        yield world
 
 
 @dataclass
@@ -152,51 +126,6 @@ def kube_pod(
         },
         "status": {"phase": "Running"},
     }
-
-
-@contextlib.contextmanager
-def cluster(
-    tmp_path: Path,
-    *pods: dict[str, Any],
-    replicas: int | None = 2,
-    namespace_annotations: dict[str, str] | None = None,
-    components: tuple[str, ...] = (),
-) -> Iterator[FakeKube]:
-    """The node, namespace `ml` and `pods`, and a kubeconfig for the enforcer's ServiceAccount.
-
-    The bundle's RBAC (plus `components` of manifests/) is enforced, and no
-    request of the agent may have been refused: a manifest that grants too
-    little fails here, not on a cluster.
-    """
-    with FakeKube(rbac_objects=bundle_rbac(*components)) as kube:
-        labels = {"nvidia.com/gpu.replicas": str(replicas)} if replicas else {}
-        kube.put({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE, "labels": labels}})
-        kube.put(
-            {
-                "apiVersion": "v1",
-                "kind": "Namespace",
-                "metadata": {"name": "ml", "annotations": namespace_annotations or {}},
-            }
-        )
-        for pod in pods:
-            kube.put(pod)
-        kube.kubeconfig(tmp_path / "kubeconfig", service_account=SERVICE_ACCOUNT)
-        yield kube
-        assert kube.denied() == []
-
-
-def enforcer_argv(tmp_path: Path, *extra: str) -> list[str]:
-    return [
-        "--kubeconfig",
-        str(tmp_path / "kubeconfig"),
-        "--node-name",
-        NODE,
-        "--interval",
-        "0.2",
-        "--metrics-address",
-        "off",
-        *extra,
-    ]
 
 
 # -- 1. only the pod over its share for longer than the hold is killed ---------------

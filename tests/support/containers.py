@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from hack.base_image import BaseImageError
 from hack.cgroups import CgroupsUnavailable
+from hack.containerd import Containerd, ContainerdError
 from hack.containers import ContainersUnavailable, ContainerWorld, build
 from tests.conftest import IN_CI, IS_ROOT
 
@@ -53,3 +55,19 @@ def need_tools(*tools: str) -> None:
     need(IS_ROOT, "needs root: real containers (containerd, runc)")
     missing = [tool for tool in tools if shutil.which(tool) is None]
     need(not missing, f"needs {', '.join(missing)} on PATH (hack/setup.sh installs it)")
+
+
+@contextlib.contextmanager
+def real_node() -> Iterator[Containerd]:
+    """A started `Containerd` with the base imported (skipped without root, containerd,
+    ctr or runc; failed in CI)."""
+    need_tools("containerd", "ctr", "runc")
+    try:
+        node = Containerd().start()
+    except (ContainerdError, BaseImageError) as err:
+        need(False, f"needs a real node: {err}")
+        raise
+    try:
+        yield node
+    finally:
+        node.close()
