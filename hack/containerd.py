@@ -92,6 +92,9 @@ class Bind:
     source: str | Path
     destination: str
     read_only: bool = False
+    propagation: str = ""
+    """"rshared" as the kubelet asks for `mountPropagation: Bidirectional`, "rslave" for
+    HostToContainer; "" for runc's default (rprivate, None)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,16 @@ class RunOptions:
     tmpfs_tmp: bool = False
     mounts: tuple[Bind, ...] = ()
     argv: tuple[str, ...] = ("sleep", "infinity")
+    # What a privileged node agent's pod asks for (privileged: true, hostPID,
+    # hostNetwork), and an image of its own: a root filesystem directory.
+    privileged: bool = False
+    host_pid: bool = False
+    host_network: bool = False
+    rootfs: Path | None = None
+    rootfs_propagation: str = ""
+    env: tuple[str, ...] = ()
+    log: Path | None = None
+    """Where its output goes (else nowhere: `--null-io`)."""
 
 
 @dataclass(frozen=True)
@@ -215,8 +228,10 @@ def oci_archive(tarball: Path, ref: str) -> Path:
 class Containerd:
     """A private containerd with the base imported; a context manager (module docstring)."""
 
-    def __init__(self, *, tarball: Path | None = None) -> None:
+    def __init__(self, *, tarball: Path | None = None, import_base: bool = True) -> None:
+        """`import_base=False`: no image (every container brings its `rootfs`)."""
         self._tarball = tarball
+        self._import_base = import_base
         self.dir = Path()
         self.address = ""
         self.image = ""
@@ -235,9 +250,10 @@ class Containerd:
         self.address = str(self.dir / "containerd.sock")
         try:
             self._start_daemon()
-            tarball = self._tarball or base_tarball()
-            self.image = f"localhost/node-agents/base:{tarball.stem}"
-            self._ctr("images", "import", str(oci_archive(tarball, self.image)))
+            if self._import_base:
+                tarball = self._tarball or base_tarball()
+                self.image = f"localhost/node-agents/base:{tarball.stem}"
+                self._ctr("images", "import", str(oci_archive(tarball, self.image)))
         except BaseException:
             self.close()
             raise
@@ -342,11 +358,36 @@ class Containerd:
         tmpfs_tmp: bool = False,
         mounts: Iterable[Bind] = (),
         argv: Sequence[str] = ("sleep", "infinity"),
+        privileged: bool = False,
+        host_pid: bool = False,
+        host_network: bool = False,
+        rootfs: Path | None = None,
+        env: Sequence[str] = (),
+        log: Path | None = None,
     ) -> RealContainer:
         """Start container `name` of pod `pod_uid` (a new 64-hex ID); returns once its
-        task runs."""
+        task runs. `rootfs`: that directory as its root instead of the base image."""
+        mounts = tuple(mounts)
+        # As containerd's CRI does: a Bidirectional mount makes the root rshared too
+        # (else runc makes it rslave and the mount's own peers stop at the
+        # container's root), a HostToContainer one makes it rslave.
+        propagations = {m.propagation for m in mounts}
+        root = next((p for p in ("rshared", "rslave") if p in propagations), "")
         options = RunOptions(
-            qos, cgroup_style, user, read_only, tmpfs_tmp, tuple(mounts), tuple(argv)
+            qos=qos,
+            cgroup_style=cgroup_style,
+            user=user,
+            read_only=read_only,
+            tmpfs_tmp=tmpfs_tmp,
+            mounts=mounts,
+            argv=tuple(argv),
+            privileged=privileged,
+            host_pid=host_pid,
+            host_network=host_network,
+            rootfs=rootfs,
+            rootfs_propagation=root,
+            env=tuple(env),
+            log=log,
         )
         return self._run(pod_uid, name, options, 0)
 
@@ -416,7 +457,8 @@ class Containerd:
         container_id = new_container_id()
         cgroup = cgroup_path(pod_uid, container_id, options.qos, options.cgroup_style)
         self._note_cgroups(cgroup)
-        flags = ["--null-io", "--runc-root", str(self.dir / "runc")]
+        output = [f"--log-uri=file://{options.log}"] if options.log else ["--null-io"]
+        flags = [*output, "--runc-root", str(self.dir / "runc")]
         runc = shutil.which("runc")
         if runc:
             flags += ["--runc-binary", runc]
@@ -430,12 +472,27 @@ class Containerd:
         if options.tmpfs_tmp:
             flags += ["--mount", "type=tmpfs,src=tmpfs,dst=/tmp,options=nosuid:nodev:mode=1777"]
         for bind in options.mounts:
-            mode = "ro" if bind.read_only else "rw"
+            mode = ":".join(
+                filter(None, ("rbind", "ro" if bind.read_only else "rw", bind.propagation))
+            )
             flags += ["--mount", f"type=bind,src={bind.source},dst={bind.destination}"]
-            flags[-1] += f",options=rbind:{mode}"
+            flags[-1] += f",options={mode}"
+        if options.rootfs_propagation:
+            flags += ["--rootfs-propagation", options.rootfs_propagation]
+        if options.privileged:
+            flags.append("--privileged")
+        if options.host_pid:
+            flags += ["--with-ns", "pid:/proc/1/ns/pid"]
+        if options.host_network:
+            flags.append("--net-host")
+        for variable in options.env:
+            flags += ["--env", variable]
+        if options.rootfs:
+            flags.append("--rootfs")
+        image = str(options.rootfs) if options.rootfs else self.image
         argv = _as_user(options.user, options.argv)
         self._containers[container_id] = RealContainer(pod_uid, name, container_id, 0, 0, cgroup)
-        self._ctr("run", "-d", *flags, self.image, container_id, *argv)
+        self._ctr("run", "-d", *flags, image, container_id, *argv)
         bundle = self.dir / "state" / "io.containerd.runtime.v2.task" / NAMESPACE / container_id
         pid = int((bundle / "init.pid").read_text())
         shim_pid = _parent(pid)  # runc's init is the shim's child (it is the subreaper)

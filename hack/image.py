@@ -46,7 +46,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 from hack import base_image
 
@@ -145,7 +145,8 @@ PREBUILT_ENV = "NODE_AGENTS_IMAGE_DIR"
 
 @dataclass(frozen=True)
 class Prebuilt:
-    """`--prebuild DIR`'s layout: DIR/storage, DIR/build.json, DIR/rootfs."""
+    """`--prebuild DIR`'s layout: DIR/storage, DIR/build.json, DIR/config.json (the
+    image's configuration: Env, Cmd, User), DIR/rootfs."""
 
     directory: Path
 
@@ -161,8 +162,16 @@ class Prebuilt:
     def rootfs(self) -> Path:
         return self.directory / "rootfs"
 
+    @property
+    def config(self) -> Path:
+        return self.directory / "config.json"
+
     def build(self) -> Build:
         return Build(**json.loads(self.report.read_text()))
+
+    def image_config(self) -> dict[str, Any]:
+        loaded: dict[str, Any] = json.loads(self.config.read_text())
+        return loaded
 
 
 def prebuilt() -> Prebuilt | None:
@@ -456,6 +465,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"report: {write_report(build)}; build log: {args.log}")
             if args.prebuild:
                 write_report(build, Prebuilt(args.prebuild).report)
+                config = store.podman(
+                    "image", "inspect", "--format", "{{json .Config}}", build.image
+                )
+                Prebuilt(args.prebuild).config.write_text(config)
             if args.export_rootfs:
                 print(f"root filesystem: {store.export_rootfs(build.image, args.export_rootfs)}")
     except (ImageError, base_image.BaseImageError) as err:
