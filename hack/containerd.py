@@ -78,7 +78,7 @@ DISABLED_PLUGINS = (
     "io.containerd.snapshotter.v1.zfs",
 )
 QOS_CLASS = {"guaranteed": "Guaranteed", "burstable": "Burstable", "besteffort": "BestEffort"}
-CgroupStyle = Literal["systemd", "cgroupfs"]
+CgroupStyle = Literal["systemd", "systemd-literal", "cgroupfs"]
 
 
 class ContainerdError(RuntimeError):
@@ -150,11 +150,16 @@ def cgroup_path(pod_uid: str, container_id: str, qos: str, style: CgroupStyle) -
     QoS level). systemd driver: the kubelet passes runc
     `kubepods-<qos>-pod<uid_>.slice:cri-containerd:<id>`, which runc's systemd
     driver expands to the slice path below with `cri-containerd-<id>.scope`.
+    systemd-literal: that name itself, at the top, as runc's cgroup v1 systemd
+    driver leaves it in the controllers systemd does not manage (containerd 1.6,
+    Kubernetes 1.24; tests/data/cgroup_corpus.txt has such lines from nodes).
     """
     if qos not in QOS_CLASS:
         raise ValueError(f"unknown QoS class {qos!r}, expected one of {sorted(QOS_CLASS)}")
     if style == "systemd":
         segments = [*systemd_segments(pod_uid, qos), f"cri-containerd-{container_id}.scope"]
+    elif style == "systemd-literal":
+        segments = [f"{systemd_segments(pod_uid, qos)[-1]}:cri-containerd:{container_id}"]
     else:
         segments = [*cgroupfs_segments(pod_uid, qos), container_id]
     return "/" + "/".join(segments)

@@ -34,7 +34,7 @@ def notebook(containerd: Containerd, cgroup_style: CgroupStyle) -> RealContainer
     return containerd.run(str(uuid.uuid4()), "main", cgroup_style=cgroup_style)
 
 
-@pytest.mark.parametrize("cgroup_style", ["systemd", "cgroupfs"])
+@pytest.mark.parametrize("cgroup_style", ["systemd", "systemd-literal", "cgroupfs"])
 def test_a_container_over_its_share_is_killed_its_neighbour_and_shim_untouched(
     containerd: Containerd, card: FakeNvmlWorld, tmp_path: Path, cgroup_style: CgroupStyle
 ) -> None:
