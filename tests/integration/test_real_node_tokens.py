@@ -114,9 +114,11 @@ def events(cluster: RealCluster, reason: str, pod: str) -> list[dict[str, Any]]:
     ]
 
 
-def event_message(cluster: RealCluster, reason: str, pod: str) -> str:
-    wait_for(lambda: events(cluster, reason, pod), 5)
-    (event,) = events(cluster, reason, pod)
+def warning(cluster: RealCluster, pod: str) -> str:
+    """The message of the one TokenInjectionFailed Warning on `pod` (posted by now)."""
+    wait_for(lambda: events(cluster, "TokenInjectionFailed", pod), 5)
+    (event,) = events(cluster, "TokenInjectionFailed", pod)
+    assert event["type"] == "Warning"
     return str(event["message"])
 
 
@@ -170,7 +172,7 @@ def test_a_read_only_root_refuses_its_file_and_the_tmpfs_tmp_is_written(
         assert inside(cluster, app, "stat", "-f", "-c", "%T", "/tmp").strip() == "tmpfs"
         assert fails_inside(cluster, app, "test", "-e", on_root)
         assert fails_inside(cluster, app, "touch", "/var/tmp/probe")  # read-only indeed
-        message = event_message(cluster, "TokenInjectionFailed", "locked")
+        message = warning(cluster, "locked")
         assert on_root in message and "read-only filesystem" in message
         assert agent.value("token_refresher_files", {"state": "failing"}) == 1
         assert inside(cluster, app, "ls", "-A", "/tmp") == "oauthtk_1000\n"
@@ -196,7 +198,7 @@ def test_a_non_root_containers_file_is_its_uids_and_written_with_its_rights_only
         assert inside(cluster, app, "cat", TOKEN) == "at-1"
         assert owner_and_mode(cluster, app, TOKEN) == "1000 1000 400 regular file"
         assert fails_inside(cluster, app, "cat", TOKEN, user=(2000, 2000))
-        message = event_message(cluster, "TokenInjectionFailed", "user")
+        message = warning(cluster, "user")
         assert "/tmp/root-only/token" in message and "uid 1000 may not write" in message
         assert inside(cluster, app, "ls", "-A", "/tmp/root-only") == ""
         assert agent.value("token_refresher_files", {"state": "failing"}) == 1
@@ -280,7 +282,7 @@ def test_symlinks_made_inside_a_real_container_are_refused_and_a_neighbour_is_se
         wait_for(lambda: agent.value(FAILURES, {"reason": "unsafe_path"}) == 4, 10)
         assert agent.value("token_refresher_files", {"state": "failing"}) == 4
         assert agent.value(TICK_FAILURES) == 0
-        messages = {name: event_message(cluster, "TokenInjectionFailed", name) for name in attacks}
+        messages = {name: warning(cluster, name) for name in attacks}
         assert all("symlink" in message for message in messages.values()), messages
         assert "parent directory /tmp/own is reached through a symlink" in messages["swapped"]
 
