@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from hack.containerd import Containerd
+from hack.containers import ContainerWorld
 from hack.fake_nvml import FakeNvmlWorld, build, find_compiler
-from tests.support.containers import build_init, need, real_node
+from tests.support.containers import build_init, container_world, need, real_node
 from tests.support.gpu_enforcer import fake_card
 from tests.support.token_cluster import Cluster, token_cluster
 
@@ -21,10 +22,13 @@ def container_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def cluster(container_init: Path, tmp_path: Path) -> Iterator[Cluster]:
-    """The token-delivery cluster (tests/support/token_cluster.py); modules with a
-    cluster of their own (test_gpu_enforcer.py) override it."""
-    with token_cluster(container_init, tmp_path) as cluster:
+def cluster(container_init: Path, tmp_path: Path) -> Iterator[Cluster[ContainerWorld]]:
+    """The token-delivery cluster on fake containers (tests/support/token_cluster.py);
+    modules with a cluster of their own (test_gpu_enforcer.py) override it."""
+    with (
+        container_world(tmp_path / "containers", container_init) as containers,
+        token_cluster(containers, tmp_path) as cluster,
+    ):
         yield cluster
 
 

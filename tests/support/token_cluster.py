@@ -1,9 +1,11 @@
-"""The token-delivery cluster of the injector tests: fake API, fake containers, both agents.
+"""The token-delivery cluster of the injector tests: fake API, containers, both agents.
 
-`Cluster` holds a fake API server (real HTTP, the bundle's RBAC), a world of fake
-containers (real chrooted processes in kubelet-like cgroups, hack/containers.py)
-and the argv of a real controller serving files over TLS and of a real injector
-streaming them. The `container_init` and `cluster` fixtures are in
+`Cluster` holds a fake API server (real HTTP, the bundle's RBAC), a world of
+containers and the argv of a real controller serving files over TLS and of a
+real injector streaming them. The world is fake containers (real chrooted
+processes in kubelet-like cgroups, hack/containers.py) in the fast tests, a real
+containerd (hack/containerd.py) in the real-node ones: the agents see the same
+Pods either way. The `container_init` and `cluster` fixtures are in
 tests/integration/conftest.py.
 """
 
@@ -11,16 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
 
 from agents.token_refresher.cli import main
 from hack.autofs_world import wait_for
 from hack.containers import Container, ContainerWorld, new_pod_uid
 from hack.prometheus import free_port
 from tests.support.agent import AgentThread
-from tests.support.containers import container_world
 from tests.support.fake_kube import FakeKube
 from tests.support.memcg import BoundedAgent
 from tests.support.rbac import bundle_rbac
@@ -32,17 +34,35 @@ AGENTS_NS = "node-agents"  # the bundle's namespace: RBAC grants the agents' Rol
 CONTROLLER_SA = "token-refresher-controller"
 
 
+class PodWorld(Protocol):
+    """What a Cluster needs of its containers: the Pod their kubelet would report
+    (`ContainerWorld.pod`, `Containerd.pod`)."""
+
+    def pod(
+        self,
+        name: str,
+        namespace: str,
+        node: str,
+        containers: Sequence[Any],
+        annotations: dict[str, str] | None = None,
+        /,
+    ) -> dict[str, Any]: ...
+
+
+World = TypeVar("World", bound=PodWorld)
+
+
 @dataclass
-class Cluster:
-    """A fake API server, fake containers, a controller serving files, and helpers."""
+class Cluster(Generic[World]):
+    """A fake API server, containers, a controller serving files, and helpers."""
 
     kube: FakeKube
-    containers: ContainerWorld
+    containers: World
     tmp: Path
     files_port: int = field(default_factory=free_port)
 
     def pod(
-        self,
+        self: Cluster[ContainerWorld],
         name: str,
         annotations: dict[str, str],
         containers: tuple[str, ...] = ("app",),
@@ -50,13 +70,15 @@ class Cluster:
         node: str = NODE,
         dirs: tuple[str, ...] = (),
     ) -> list[Container]:
-        """Start the pod's containers and publish the pod as its kubelet would."""
+        """Start the pod's fake containers and publish the pod as its kubelet would."""
         uid = new_pod_uid()
         started = self.containers.add_many([(uid, c) for c in containers], dirs=dirs)
         self.kube.put(self.containers.pod(name, NS, node, started, annotations))
         return started
 
-    def republish(self, name: str, started: list[Container], annotations: dict[str, str]) -> None:
+    def republish(self, name: str, started: Sequence[Any], annotations: dict[str, str]) -> None:
+        """Publish (again) pod `name` of these started containers, as its kubelet would
+        (a restart: the new container IDs in its status)."""
         self.kube.put(self.containers.pod(name, NS, NODE, started, annotations))
 
     @property
@@ -198,13 +220,11 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def token_cluster(container_init: Path, tmp_path: Path) -> Iterator[Cluster]:
-    """A Cluster with the tenant's and the agents' namespaces; at its end, the bundle's
-    RBAC refused neither agent anything it needs (nor allowed what it must not)."""
-    with (
-        container_world(tmp_path / "containers", container_init) as containers,
-        FakeKube(rbac_objects=bundle_rbac()) as kube,
-    ):
+def token_cluster(containers: World, tmp_path: Path) -> Iterator[Cluster[World]]:
+    """A Cluster on `containers` with the tenant's and the agents' namespaces; at its
+    end, the bundle's RBAC refused neither agent anything it needs (nor allowed what
+    it must not)."""
+    with FakeKube(rbac_objects=bundle_rbac()) as kube:
         for namespace in (NS, AGENTS_NS):
             kube.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
         yield Cluster(kube, containers, tmp_path)
