@@ -51,7 +51,13 @@ from typing import IO, Any
 
 import psutil
 
-from hack.autofs_world import AutofsWorld, force_unmount_under, missing_tools, mounts_under
+from hack.autofs_world import (
+    AutofsWorld,
+    force_unmount_under,
+    missing_tools,
+    mounts_under,
+    scaled,
+)
 from hack.cgroups import CgroupsUnavailable, FakePodCgroups
 from hack.fake_nvml import FakeGpu, FakeNvmlWorld, FakeProcess, build, fake_uuid, find_compiler
 from hack.prometheus import LocalPrometheus, free_port
@@ -222,7 +228,9 @@ class Demo:
                 raise DemoError(f"{agent.name} exited with {code}:\n{agent.tail()}")
 
     def wait(self, what: str, predicate: Callable[[], Any], timeout: float = WAIT) -> Any:
-        """Pump until `predicate()` is truthy; returns its value."""
+        """Pump until `predicate()` is truthy; returns its value. `timeout` is the
+        host's figure, stretched under an emulated CPU (the test VM's, `scaled`)."""
+        timeout = scaled(timeout)
         deadline = time.monotonic() + timeout
         while True:
             self.pump()
