@@ -29,6 +29,20 @@ pytestmark = [pytest.mark.realnode, pytest.mark.root]
 GPU = {"nvidia.com/gpu": "1"}
 
 
+def pidfds_on(pid: int) -> list[str]:
+    """This process's file descriptors that are pidfds of `pid` (their fdinfo's `Pid:`
+    line, fs/pidfs.c): the enforcer runs in this process (AgentThread)."""
+    held = []
+    for info in Path("/proc/self/fdinfo").iterdir():
+        try:
+            lines = info.read_text().splitlines()
+        except OSError:  # closed meanwhile
+            continue
+        if f"Pid:\t{pid}" in lines:
+            held.append(info.name)
+    return held
+
+
 def notebook(containerd: Containerd, cgroup_style: CgroupStyle) -> RealContainer:
     """One "notebook" pod's main container (its init is the process on the GPU)."""
     return containerd.run(str(uuid.uuid4()), "main", cgroup_style=cgroup_style)
@@ -61,6 +75,9 @@ def test_a_container_over_its_share_is_killed_its_neighbour_and_shim_untouched(
             ),
             10,
         )
+        # The container's init, by its host PID, is held through a pidfd: the
+        # signals go through it, never to a PID that may be reused.
+        assert pidfds_on(greedy.pid), "no pidfd held on the container's process"
         wait_for(lambda: not containerd.alive(greedy), 15)
         card.remove_process(greedy.pid)
         # The container's init is PID 1 of its namespace: it ignores SIGTERM
