@@ -17,29 +17,30 @@ the same fake API server, controller and injector as the fast tests.
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import agents.token_refresher.injector as injector_module
 from hack.autofs_world import wait_for
 from hack.containerd import Containerd, RealContainer
 from hack.containers import new_pod_uid
-from tests.support.token_cluster import NS, Cluster, token_cluster
-from tests.support.tokens import token_secret_object
+from tests.integration.test_token_injector import (
+    FAILURES,
+    FILES_WRITTEN,
+    TICK_FAILURES,
+    entry,
+    events,
+    to_inject,
+    token_secret,
+)
+from tests.support.token_cluster import Cluster, token_cluster
 
 pytestmark = [pytest.mark.realnode, pytest.mark.root]
 
-CERN = "oauth2-refresh-controller.cern.ch"
 TOKEN = "/tmp/oauthtk_1000"  # the CERN controller's default path for owner 1000
-FILES_WRITTEN = "token_refresher_files_written_total"
-FAILURES = "token_refresher_injection_failures_total"
-TICK_FAILURES = "token_refresher_tick_failures_total"
 # A neighbour's update lands in ~0.1 s (test_token_injector.py); generous for CI.
 NORMAL_UPDATE = 3.0
 
@@ -51,26 +52,6 @@ def cluster(containerd: Containerd, tmp_path: Path) -> Iterator[RealCluster]:
     """The token-delivery cluster on the session's containerd (emptied after the test)."""
     with token_cluster(containerd, tmp_path) as cluster:
         yield cluster
-
-
-def token_secret(access_token: str) -> dict[str, Any]:
-    """Secret `tok`, as users create it, holding `access_token` for the next hour."""
-    oauth = {
-        "access_token": access_token,
-        "refresh_token": f"refresh-{access_token}",
-        "token_type": "Bearer",
-        "expires_at": time.time() + 3600,
-    }
-    values = {"oauth": json.dumps(oauth), "clientID": "eos", "clientSecret": "s3cret"}
-    return token_secret_object("tok", values, namespace=NS, prefix=CERN)
-
-
-def to_inject(*entries: dict[str, Any]) -> dict[str, str]:
-    return {f"{CERN}/to-inject": json.dumps(list(entries))}
-
-
-def entry(**more: Any) -> dict[str, Any]:
-    return {"secretName": "tok", "container": "app", "owner": 1000, **more}
 
 
 def start_pod(
@@ -103,21 +84,10 @@ def owner_and_mode(cluster: RealCluster, container: RealContainer, path: str) ->
     return inside(cluster, container, "stat", "-c", "%u %g %a %F", path).strip()
 
 
-def events(cluster: RealCluster, reason: str, pod: str) -> list[dict[str, Any]]:
-    """The injector's Events with this reason on this pod."""
-    return [
-        e
-        for e in cluster.kube.objects("events", NS)
-        if e.get("reportingComponent") == injector_module.COMPONENT
-        and e["reason"] == reason
-        and e["involvedObject"]["name"] == pod
-    ]
-
-
 def warning(cluster: RealCluster, pod: str) -> str:
     """The message of the one TokenInjectionFailed Warning on `pod` (posted by now)."""
-    wait_for(lambda: events(cluster, "TokenInjectionFailed", pod), 5)
-    (event,) = events(cluster, "TokenInjectionFailed", pod)
+    wait_for(lambda: events(cluster.kube, "TokenInjectionFailed", pod), 5)
+    (event,) = events(cluster.kube, "TokenInjectionFailed", pod)
     assert event["type"] == "Warning"
     return str(event["message"])
 
@@ -128,7 +98,7 @@ def warning(cluster: RealCluster, pod: str) -> str:
 def test_files_land_in_the_containers_own_view_under_both_cgroup_drivers(
     cluster: RealCluster,
 ) -> None:
-    cluster.kube.put(token_secret("at-1"))
+    cluster.kube.put(token_secret("tok", "at-1"))
     annotations = to_inject(entry(), entry(path="/tmp/shared/token", mode="0440", group=2000))
     pods = {
         style: start_pod(cluster, f"web-{style}", annotations, cgroup_style=style)
@@ -148,7 +118,7 @@ def test_files_land_in_the_containers_own_view_under_both_cgroup_drivers(
             # On the container's overlayfs root; no temp file left behind.
             assert inside(cluster, app, "stat", "-f", "-c", "%T", "/tmp").strip() == "overlayfs"
             assert inside(cluster, app, "ls", "-A", "/tmp").split() == ["oauthtk_1000", "shared"]
-        wait_for(lambda: all(events(cluster, "TokenInjected", f"web-{s}") for s in pods), 5)
+        wait_for(lambda: all(events(cluster.kube, "TokenInjected", f"web-{s}") for s in pods), 5)
         assert agent.value(FILES_WRITTEN) == 4
         assert agent.value(TICK_FAILURES) == 0
     assert not Path(TOKEN).exists()  # the host's /tmp: not where it went
@@ -160,7 +130,7 @@ def test_files_land_in_the_containers_own_view_under_both_cgroup_drivers(
 def test_a_read_only_root_refuses_its_file_and_the_tmpfs_tmp_is_written(
     cluster: RealCluster,
 ) -> None:
-    cluster.kube.put(token_secret("at-1"))
+    cluster.kube.put(token_secret("tok", "at-1"))
     on_root = "/var/tmp/oauthtk_1000"  # sticky and writable for all, on the root filesystem
     annotations = to_inject(entry(), entry(path=on_root))
     app = start_pod(cluster, "locked", annotations, read_only=True, tmpfs_tmp=True)
@@ -185,7 +155,7 @@ def test_a_read_only_root_refuses_its_file_and_the_tmpfs_tmp_is_written(
 def test_a_non_root_containers_file_is_its_uids_and_written_with_its_rights_only(
     cluster: RealCluster,
 ) -> None:
-    cluster.kube.put(token_secret("at-1"))
+    cluster.kube.put(token_secret("tok", "at-1"))
     annotations = to_inject(entry(), entry(path="/tmp/root-only/token"))
     app = start_pod(cluster, "user", annotations, user=(1000, 1000), tmpfs_tmp=True)
     assert inside(cluster, app, "id", "-u").strip() == "1000"
@@ -208,7 +178,7 @@ def test_a_non_root_containers_file_is_its_uids_and_written_with_its_rights_only
 
 
 def test_a_restarted_container_gets_its_file_again(cluster: RealCluster) -> None:
-    cluster.kube.put(token_secret("at-1"))
+    cluster.kube.put(token_secret("tok", "at-1"))
     annotations = to_inject(entry())
     app = start_pod(cluster, "web", annotations, tmpfs_tmp=True)
     with cluster.injector(interval=60) as agent:  # no full pass: the pod's update does it
@@ -222,7 +192,7 @@ def test_a_restarted_container_gets_its_file_again(cluster: RealCluster) -> None
         wait_for(lambda: agent.value(FILES_WRITTEN) == 2, 5)
         assert inside(cluster, restarted, "cat", TOKEN) == "at-1"
         assert owner_and_mode(cluster, restarted, TOKEN) == "1000 1000 400 regular file"
-        wait_for(lambda: len(events(cluster, "TokenInjected", "web")) == 2, 5)
+        wait_for(lambda: len(events(cluster.kube, "TokenInjected", "web")) == 2, 5)
         assert agent.value(FAILURES, {"reason": "no_process"}) == 0
 
 
@@ -232,7 +202,7 @@ def test_a_restarted_container_gets_its_file_again(cluster: RealCluster) -> None
 def test_symlinks_made_inside_a_real_container_are_refused_and_a_neighbour_is_served(
     cluster: RealCluster, tmp_path: Path
 ) -> None:
-    cluster.kube.put(token_secret("at-1"))
+    cluster.kube.put(token_secret("tok", "at-1"))
     host_file = tmp_path / "host-credential"
     host_file.write_text("host secret\n")
     host_file.chmod(0o600)
@@ -276,7 +246,7 @@ def test_symlinks_made_inside_a_real_container_are_refused_and_a_neighbour_is_se
         swapped = attackers["swapped"]
         assert inside(cluster, swapped, "cat", swapped_path) == "at-1"
         do_inside(cluster, swapped, "sh", "-c", "mv /tmp/own /tmp/own.old && ln -s /etc /tmp/own")
-        cluster.kube.put(token_secret("at-2"))
+        cluster.kube.put(token_secret("tok", "at-2"))
         took = wait_for(lambda: served("at-2"), 10)
         assert took < NORMAL_UPDATE, f"the neighbour's new token took {took:.2f}s"
         wait_for(lambda: agent.value(FAILURES, {"reason": "unsafe_path"}) == 4, 10)
