@@ -24,7 +24,7 @@ def container_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def cluster(container_init: Path, tmp_path: Path) -> Iterator[Cluster[ContainerWorld]]:
     """The token-delivery cluster on fake containers (tests/support/token_cluster.py);
-    modules with a cluster of their own (test_gpu_enforcer.py) override it."""
+    test_real_node_tokens.py overrides it with one on real containers."""
     with (
         container_world(tmp_path / "containers", container_init) as containers,
         token_cluster(containers, tmp_path) as cluster,

@@ -34,14 +34,13 @@ from hack.autofs_world import AutofsWorld, wait_for
 from hack.containerd import Bind, Containerd, RealContainer
 from hack.containers import new_pod_uid
 from hack.prometheus import free_port
-from tests.support.containers import need, need_tools
+from tests.support.containers import need, real_node
 
 pytestmark = [pytest.mark.autofs, pytest.mark.realnode, pytest.mark.root]
 
 
 @pytest.fixture(scope="module")
 def image() -> hack_image.Prebuilt:
-    need_tools("containerd", "ctr", "runc")
     done = hack_image.prebuilt()
     need(
         done is not None and done.rootfs.is_dir(),
@@ -53,9 +52,9 @@ def image() -> hack_image.Prebuilt:
 
 
 @pytest.fixture(scope="module")
-def node(image: hack_image.Prebuilt) -> Iterator[Containerd]:
+def node() -> Iterator[Containerd]:
     """containerd with no image of its own: the healer brings the project's root filesystem."""
-    with Containerd(import_base=False) as node:
+    with real_node(import_base=False) as node:
         yield node
 
 

@@ -58,12 +58,12 @@ def need_tools(*tools: str) -> None:
 
 
 @contextlib.contextmanager
-def real_node() -> Iterator[Containerd]:
-    """A started `Containerd` with the base imported (skipped without root, containerd,
-    ctr or runc; failed in CI)."""
+def real_node(*, import_base: bool = True) -> Iterator[Containerd]:
+    """A started `Containerd`, with the base imported unless told not to (skipped
+    without root, containerd, ctr or runc; failed in CI)."""
     need_tools("containerd", "ctr", "runc")
     try:
-        node = Containerd().start()
+        node = Containerd(import_base=import_base).start()
     except (ContainerdError, BaseImageError) as err:
         need(False, f"needs a real node: {err}")
         raise
