@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -265,8 +266,16 @@ class Store:
         self.podman("import", *changes, str(tarball), tag)
         return tag
 
-    def build(self, base: str, tag: str | None = None, *, log: Path | None = None) -> Build:
-        """Build images/Containerfile from the repository root on `base`, and measure it."""
+    def build(
+        self,
+        base: str,
+        tag: str | None = None,
+        *,
+        log: Path | None = None,
+        rootfs: Path | None = None,
+    ) -> Build:
+        """Build images/Containerfile from the repository root on `base`, and measure it;
+        with `rootfs`, also unpack its root filesystem there (`export_rootfs`)."""
         version = project_version()
         key = inputs_hash()
         tag = tag or f"{IMAGE_NAME}:{version}-{key}"
@@ -293,7 +302,11 @@ class Store:
         seconds = time.monotonic() - started
         image_id = output.strip().splitlines()[-1]
         size = int(self.podman("image", "inspect", "--format", "{{.Size}}", tag).strip())
-        files, rootfs = self.rootfs_size(tag)
+        # One export either way: measured as it streams, or measured where unpacked.
+        if rootfs is None:
+            files, rootfs_bytes = self.rootfs_size(tag)
+        else:
+            files, rootfs_bytes = _tree_size(self.export_rootfs(tag, rootfs))
         return Build(
             image=tag,
             image_id=image_id,
@@ -302,7 +315,7 @@ class Store:
             base=base,
             build_seconds=round(seconds, 1),
             image_bytes=size,
-            rootfs_bytes=rootfs,
+            rootfs_bytes=rootfs_bytes,
             rootfs_files=files,
         )
 
@@ -394,6 +407,20 @@ class Store:
             shutil.rmtree(self.runroot, ignore_errors=True)
 
 
+def _tree_size(root: Path) -> tuple[int, int]:
+    """(regular files, their bytes) below `root`, a hard link counted once, as
+    `rootfs_size` counts the export's members."""
+    seen: set[int] = set()
+    size = 0
+    for directory, _, names in os.walk(root):
+        for name in names:
+            info = os.lstat(os.path.join(directory, name))
+            if stat.S_ISREG(info.st_mode) and info.st_ino not in seen:
+                seen.add(info.st_ino)
+                size += info.st_size
+    return len(seen), size
+
+
 def _check(argv: list[str], timeout: float, *, log: Path | None = None) -> str:
     try:
         done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout)
@@ -460,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = Store(args.storage) if args.storage else Store.temporary()
     try:
         with store:
-            build = store.build(store.import_base(), log=args.log)
+            build = store.build(store.import_base(), log=args.log, rootfs=args.export_rootfs)
             print(describe(build))
             print(f"report: {write_report(build)}; build log: {args.log}")
             if args.prebuild:
@@ -470,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 Prebuilt(args.prebuild).config.write_text(config)
             if args.export_rootfs:
-                print(f"root filesystem: {store.export_rootfs(build.image, args.export_rootfs)}")
+                print(f"root filesystem: {args.export_rootfs}")
     except (ImageError, base_image.BaseImageError) as err:
         print(f"hack.image: {err}", file=sys.stderr)
         return 1
