@@ -26,6 +26,27 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape_agent(port: int, timeout: float = 5.0) -> Samples:
+    """Every sample of one scrape of an agent's /metrics on 127.0.0.1:`port`, by (name,
+    labels): values read together are of one moment. OSError while it does not answer."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = _get(f"http://127.0.0.1:{port}/metrics", timeout).decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): float(sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def sample(samples: Samples, name: str, labels: Mapping[str, str] | None = None) -> float:
+    """One sample of a scrape (0 when absent)."""
+    return samples.get((name, frozenset((labels or {}).items())), 0.0)
+
+
 def _get(url: str, timeout: float = 5.0) -> bytes:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return bytes(response.read())

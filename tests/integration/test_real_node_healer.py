@@ -21,19 +21,17 @@ containerd inside it; the image's root filesystem is read from the host over 9p)
 from __future__ import annotations
 
 import subprocess
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from agents.mount_healer.healer import PROPAGATION_FIX
 from hack import image as hack_image
 from hack.autofs_world import AutofsWorld, wait_for
 from hack.containerd import Bind, Containerd, RealContainer
 from hack.containers import new_pod_uid
-from hack.prometheus import free_port
+from hack.prometheus import free_port, sample, scrape_agent
 from tests.support.containers import need, real_node
 
 pytestmark = [pytest.mark.autofs, pytest.mark.realnode, pytest.mark.root]
@@ -88,15 +86,9 @@ def metric(port: int, name: str, labels: dict[str, str] | None = None) -> float:
     """One sample of the containerized healer's /metrics (host network: loopback);
     -1 while it does not answer."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-            text = reply.read().decode()
+        return sample(scrape_agent(port), name, labels)
     except OSError:
         return -1.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == (labels or {}):
-                return float(sample.value)
-    return 0.0
 
 
 def test_bidirectional_heals_the_hosts_mount(

@@ -36,13 +36,12 @@ from pathlib import Path
 from typing import IO
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from agents.token_refresher.cli import main
 from agents.token_refresher.tls import client_context
 from hack.autofs_world import wait_for
 from hack.containers import Container
-from hack.prometheus import free_port
+from hack.prometheus import free_port, sample, scrape_agent
 from tests.integration.test_token_injector import (
     entry,
     file_of,
@@ -153,15 +152,7 @@ class Replica:
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample from its /metrics (0 when absent)."""
-        with urllib.request.urlopen(
-            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
-        ) as answer:
-            text = answer.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and sample.labels == (labels or {}):
-                    return float(sample.value)
-        return 0.0
+        return sample(scrape_agent(self.metrics_port), name, labels)
 
     def log_tail(self, lines: int = 30) -> str:
         try:

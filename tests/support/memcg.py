@@ -26,7 +26,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from typing import IO
 
 import pytest
 
-from hack.prometheus import free_port
+from hack.prometheus import Samples, free_port, sample, scrape_agent
 from tests.conftest import IN_CI, IS_ROOT
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -289,25 +288,17 @@ class BoundedAgent:
         self._stack = contextlib.ExitStack()
         self.agent: CgroupAgent | None = None
 
-    def scrape(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-        """Every sample of one scrape, by (name, labels): values read together are of one
-        moment (empty when not served yet)."""
-        from prometheus_client.parser import text_string_to_metric_families
-
+    def scrape(self) -> Samples:
+        """Every sample of one scrape (`hack.prometheus.scrape_agent`; empty when not
+        served yet)."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
-                text = r.read().decode()
+            return scrape_agent(self.port)
         except OSError:
             return {}
-        return {
-            (sample.name, frozenset(sample.labels.items())): float(sample.value)
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        }
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample of the agent's metrics (0 when absent or not served yet)."""
-        return self.scrape().get((name, frozenset((labels or {}).items())), 0.0)
+        return sample(self.scrape(), name, labels)
 
     def log_text(self) -> str:
         return self._log.read_text(errors="replace") if self._log.exists() else ""
